@@ -1,0 +1,198 @@
+"""Loading OpenAI CLIP models, written once for every trainer.
+
+A backbone is named as in ``clip.available_models()`` (downloaded to ``~/.cache/clip`` on a
+machine with internet), or as one of the project's built-in benchmark backbones (shipped
+in ``selftpt/assets``), or given as a local file: a TorchScript archive as OpenAI publishes
+them, or a plain ``state_dict`` (``clip.load`` cannot read those with current torch).
+Architectures are data (``CLIP_ARCHS``) so that any of them can also be built with random
+weights, e.g. for speed and memory measurements where no weights can be downloaded.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+with warnings.catch_warnings():  # clip imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")
+    import clip
+    from clip.model import CLIP, build_model, convert_weights
+
+from selftpt.errors import UserError
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+
+# Constructor arguments of clip.model.CLIP for each published model.
+CLIP_ARCHS: dict[str, dict[str, Any]] = {
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None, context_length=77, vocab_size=49408,
+                 transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "RN101": dict(embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3), vision_width=64,
+                  vision_patch_size=None, context_length=77, vocab_size=49408,
+                  transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
+                   vision_patch_size=None, context_length=77, vocab_size=49408,
+                   transformer_width=640, transformer_heads=10, transformer_layers=12),
+    "RN50x16": dict(embed_dim=768, image_resolution=384, vision_layers=(6, 8, 18, 8), vision_width=96,
+                    vision_patch_size=None, context_length=77, vocab_size=49408,
+                    transformer_width=768, transformer_heads=12, transformer_layers=12),
+    "RN50x64": dict(embed_dim=1024, image_resolution=448, vision_layers=(3, 15, 36, 10),
+                    vision_width=128, vision_patch_size=None, context_length=77, vocab_size=49408,
+                    transformer_width=1024, transformer_heads=16, transformer_layers=12),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32, context_length=77, vocab_size=49408,
+                     transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, context_length=77, vocab_size=49408,
+                     transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+                     vision_patch_size=14, context_length=77, vocab_size=49408,
+                     transformer_width=768, transformer_heads=12, transformer_layers=12),
+    "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+                           vision_patch_size=14, context_length=77, vocab_size=49408,
+                           transformer_width=768, transformer_heads=12, transformer_layers=12),
+}
+
+# Built-in backbones: name -> file under selftpt/assets (a state_dict made by the
+# project's own pretraining script, see selftpt/benchmark). Registered by that module.
+BUILTIN_BACKBONES: dict[str, str] = {}
+
+
+class BackboneError(UserError, ValueError):
+    """A backbone name or file that cannot be loaded; the message says how to fix it."""
+
+
+def available_backbones() -> list[str]:
+    """Every backbone name ``load_clip`` accepts (besides a file path)."""
+    return list(clip.available_models()) + sorted(BUILTIN_BACKBONES)
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """Map ``auto`` to fp16 on CUDA (as CoOp) and fp32 elsewhere; refuse fp16/amp off CUDA.
+
+    Args:
+        precision: one of ``fp16``, ``fp32``, ``amp``, ``auto``.
+        device: where the model will run.
+    """
+    on_cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        return "fp16" if on_cuda else "fp32"
+    if precision not in ("fp16", "fp32", "amp"):
+        raise BackboneError(f"Unknown precision {precision!r}; use one of fp16, fp32, amp, auto")
+    if precision in ("fp16", "amp") and not on_cuda:
+        warnings.warn(
+            f"PREC={precision} needs a CUDA device; running in fp32 on {torch.device(device).type} "
+            "(set TRAINER.<NAME>.PREC fp32 or auto to silence this)"
+        )
+        return "fp32"
+    return precision
+
+
+def build_random_clip(arch: str | dict[str, Any], seed: int | None = 0) -> CLIP:
+    """A CLIP model of a named (or given) architecture with random fp32 weights.
+
+    Args:
+        arch: a key of ``CLIP_ARCHS`` or a dict of ``clip.model.CLIP`` constructor arguments.
+        seed: seeds torch's generator for the initialisation (None leaves it alone).
+    """
+    if isinstance(arch, str):
+        if arch not in CLIP_ARCHS:
+            raise BackboneError(_unknown_message(arch, list(CLIP_ARCHS)))
+        arch = CLIP_ARCHS[arch]
+    if seed is not None:
+        torch.manual_seed(seed)
+    return CLIP(**arch).float().eval()
+
+
+def _unknown_message(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"Unknown CLIP backbone {name!r}; {hint}available: {', '.join(known)} (or a path to a local file)"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read CLIP weights from a TorchScript archive or a plain (possibly wrapped) state_dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BackboneError(f"CLIP weights file not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch.jit.load is deprecated, OpenAI's files need it
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").eval().state_dict()
+    except RuntimeError:
+        pass  # not TorchScript: a pickled state_dict
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise BackboneError(f"{path} is neither a TorchScript CLIP archive nor a state_dict ({exc})") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or "text_projection" not in obj:
+        raise BackboneError(f"{path} does not hold CLIP weights (no 'text_projection' key)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def resolve_backbone_file(name: str, path: str = "", download_root: str | None = None) -> str:
+    """The local file holding backbone ``name``: ``path`` if given, a built-in asset, or a download."""
+    if path:
+        return path
+    if name in BUILTIN_BACKBONES:
+        return str(ASSET_DIR / BUILTIN_BACKBONES[name])
+    if name in clip.available_models():
+        root = download_root or os.path.expanduser("~/.cache/clip")
+        try:
+            return clip.clip._download(clip.clip._MODELS[name], root)
+        except OSError as exc:  # urllib errors subclass OSError
+            raise BackboneError(
+                f"Could not download CLIP {name} into {root} ({exc}); on an offline machine copy the "
+                f"file there, or set MODEL.BACKBONE.PATH to a local copy"
+            ) from exc
+    if os.path.isfile(name):
+        return name
+    raise BackboneError(_unknown_message(name, available_backbones()))
+
+
+def load_clip(name: str, path: str = "", device: str | torch.device = "cpu",
+              precision: str = "fp32") -> CLIP:
+    """Load a CLIP model in eval mode, on ``device``, in the given precision.
+
+    Args:
+        name: backbone name (``ViT-B/16``, a built-in benchmark backbone) or a file path.
+        path: optional local file with the weights; takes precedence over downloading.
+        device: target device.
+        precision: ``fp16`` keeps CLIP's half weights (CUDA only); ``fp32``/``amp`` load fp32.
+    """
+    state_dict = read_state_dict(resolve_backbone_file(name, path))
+    try:
+        model = build_model(state_dict)  # converts to fp16, as CoOp's load_clip_to_cpu
+    except (KeyError, RuntimeError) as exc:
+        raise BackboneError(f"Weights for {name!r} do not fit a CLIP architecture ({exc})") from exc
+    if precision in ("fp32", "amp"):
+        model.float()
+    return model.to(device).eval()
+
+
+def save_state_dict(model: CLIP, path: str | os.PathLike, half: bool = True) -> None:
+    """Write a CLIP model's weights as a state_dict that ``load_clip`` reads (atomically)."""
+    if half:
+        convert_weights(model)
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def tokenize(texts: str | list[str], context_length: int) -> torch.Tensor:
+    """Tokenise with the model's own context length; an over-long text names itself."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    try:
+        return clip.tokenize(texts, context_length=context_length)
+    except RuntimeError:
+        long = next(t for t in texts if len(clip.clip._tokenizer.encode(t)) + 2 > context_length)
+        raise ValueError(
+            f"Text {long!r} is longer than the text encoder's context length ({context_length} tokens); "
+            "shorten the class name or the prompt template"
+        ) from None

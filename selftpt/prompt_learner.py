@@ -1,0 +1,134 @@
+"""CoOp's learnable text prompt (Zhou et al., IJCV 2022), shared by every prompt trainer.
+
+One context ``ctx`` of M vectors is rendered around each class name in any of CoOp's three
+layouts (the three learnable CPT views of Self-TPT use all of them):
+
+- ``end``:    [SOS] ctx_1..ctx_M  CLASS . [EOS]
+- ``middle``: [SOS] ctx_1..ctx_{M/2}  CLASS  ctx_{M/2+1}..ctx_M . [EOS]
+- ``front``:  [SOS] CLASS  ctx_1..ctx_M . [EOS]
+
+State-dict keys are CoOp's (``ctx``, ``token_prefix``, ``token_suffix``), so CoOp's released
+prompts load directly; the two buffers depend on the class names and are rebuilt, never
+loaded, when the class set changes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selftpt.clip_loader import tokenize
+
+POSITIONS = ("end", "middle", "front")
+
+
+def clean_classname(name: str) -> str:
+    """CoOp writes class names with underscores in some datasets."""
+    return name.replace("_", " ")
+
+
+class PromptLearner(nn.Module):
+    """Learnable context vectors rendered around class names.
+
+    Args:
+        classnames: target class names (order = label order).
+        clip_model: the frozen CLIP model whose token embedding is used.
+        n_ctx: number of context vectors M; ignored when ``ctx_init`` is given.
+        ctx_init: words to initialise the context from (e.g. "a photo of a"); "" = random.
+        csc: class-specific context (one context per class) instead of a shared one.
+        class_token_position: default layout for ``forward``.
+    """
+
+    def __init__(self, classnames: list[str], clip_model: nn.Module, n_ctx: int = 16,
+                 ctx_init: str = "", csc: bool = False, class_token_position: str = "end") -> None:
+        super().__init__()
+        if class_token_position not in POSITIONS:
+            raise ValueError(f"CLASS_TOKEN_POSITION must be one of {POSITIONS}, got {class_token_position!r}")
+        self.dtype = clip_model.dtype
+        self.context_length = int(clip_model.positional_embedding.shape[0])
+        # Not registered as a submodule: CLIP's vocabulary stays out of this module's
+        # state_dict and off its device; it is only needed to render class names.
+        object.__setattr__(self, "_token_embedding", clip_model.token_embedding)
+        ctx_dim = clip_model.ln_final.weight.shape[0]
+        ctx_init = ctx_init.replace("_", " ").strip()
+        if ctx_init:
+            n_ctx = len(ctx_init.split(" "))
+            with torch.no_grad():
+                init = self.embed_tokens(tokenize(ctx_init, self.context_length))[0, 1:1 + n_ctx]  # (n_ctx, d)
+            if csc:
+                init = init.unsqueeze(0).repeat(len(classnames), 1, 1)
+            self.prompt_prefix = ctx_init
+        else:
+            shape = (len(classnames), n_ctx, ctx_dim) if csc else (n_ctx, ctx_dim)
+            init = torch.empty(shape, dtype=self.dtype)
+            nn.init.normal_(init, std=0.02)
+            self.prompt_prefix = " ".join(["X"] * n_ctx)
+        self.ctx = nn.Parameter(init.clone())  # (n_ctx, d) or (n_cls, n_ctx, d)
+        self.n_ctx = n_ctx
+        self.csc = csc
+        self.class_token_position = class_token_position
+        self.set_classnames(classnames)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> CLIP token embeddings in the prompt's dtype, on the embedding's device."""
+        weight = self._token_embedding.weight
+        return self._token_embedding(tokens.to(weight.device)).type(self.dtype)
+
+    @property
+    def n_cls(self) -> int:
+        return len(self.classnames)
+
+    def set_classnames(self, classnames: list[str]) -> None:
+        """Re-render the prompt for another class set (the context is kept)."""
+        if len(classnames) == 0:
+            raise ValueError("The class list is empty; a prompt needs at least one class name")
+        if self.csc and self.ctx.shape[0] != len(classnames):
+            raise ValueError(
+                f"Class-specific context was learnt for {self.ctx.shape[0]} classes and cannot be "
+                f"applied to {len(classnames)} other classes; use CSC False to transfer prompts"
+            )
+        names = [clean_classname(n) for n in classnames]
+        device = self.ctx.device
+        self.classnames = names
+        self.name_lens = [len(tokenize(n, self.context_length)[0].nonzero()) - 2 for n in names]
+        prompts = [f"{self.prompt_prefix} {n}." for n in names]
+        tokenized = tokenize(prompts, self.context_length)  # (n_cls, L)
+        with torch.no_grad():
+            embedding = self.embed_tokens(tokenized).to(device)  # (n_cls, L, d)
+        tokenized = tokenized.to(device)
+        # Buffers as in CoOp; replaced (not loaded) whenever the class set changes.
+        self.register_buffer("token_prefix", embedding[:, :1, :].clone())  # SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:, :].clone())  # CLS . EOS pad
+        self.register_buffer("tokenized_prompts", tokenized, persistent=False)  # (n_cls, L)
+
+    def forward(self, position: str | None = None, ctx: torch.Tensor | None = None,
+                indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt embeddings (n, L, d) in one layout.
+
+        Args:
+            position: ``end``, ``middle`` or ``front``; default ``class_token_position``.
+            ctx: a context to render instead of ``self.ctx`` (same shape), e.g. a copy being
+                adapted at test time while the trained parameter stays untouched.
+            indices: render only these classes (default: all, in label order).
+        """
+        position = position or self.class_token_position
+        if position not in POSITIONS:
+            raise ValueError(f"Unknown class token position {position!r}; use one of {POSITIONS}")
+        ctx = self.ctx if ctx is None else ctx
+        if indices is None:
+            indices = torch.arange(self.n_cls, device=self.token_prefix.device)
+        prefix, suffix = self.token_prefix[indices], self.token_suffix[indices]  # (n, 1, d), (n, *, d)
+        ctx = ctx[indices] if ctx.dim() == 3 else ctx.unsqueeze(0).expand(len(indices), -1, -1)
+        if position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1)
+        half = self.n_ctx // 2
+        rows = []
+        for row, name_len in enumerate(self.name_lens[i] for i in indices.tolist()):
+            class_i = suffix[row:row + 1, :name_len]  # (1, name_len, d)
+            rest_i = suffix[row:row + 1, name_len:]  # (1, *, d): ". [EOS] pad"
+            ctx_i = ctx[row:row + 1]  # (1, n_ctx, d)
+            if position == "middle":
+                parts = [prefix[row:row + 1], ctx_i[:, :half], class_i, ctx_i[:, half:], rest_i]
+            else:
+                parts = [prefix[row:row + 1], class_i, ctx_i, rest_i]
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows, dim=0)

@@ -1,0 +1,196 @@
+"""What every CLIP trainer of this project shares: loading CLIP, precision, the evaluation
+loop (accuracy, macro-F1 and calibration), and CoOp-style checkpoint loading.
+
+Trainers subclass ``ClipTrainer`` and stay thin: ``build_model``, ``forward_backward`` and,
+for test-time methods, ``prepare_for_test`` / ``model_inference``.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from selftpt.calibration import expected_calibration_error
+from selftpt.clip_loader import load_clip, resolve_precision
+from selftpt.config import PRECISIONS
+from selftpt.errors import UserError
+from selftpt.toolbox import DataManager, TrainerX, load_checkpoint
+
+# Buffers that depend on the class names: rebuilt for the current classes, never loaded.
+CLASS_DEPENDENT_KEYS = ("token_prefix", "token_suffix", "tokenized_prompts")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing or does not fit the model built from the config."""
+
+
+class ClipTrainer(TrainerX):
+    """Base of the CLIP trainers; ``CFG_NODE`` names the ``TRAINER.<NODE>`` config sub-node."""
+
+    CFG_NODE = "COOP"
+
+    @property
+    def node(self) -> Any:
+        return self.cfg.TRAINER[self.CFG_NODE]
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.dm.dataset.classnames)
+
+    def check_cfg(self, cfg: Any) -> None:
+        prec = cfg.TRAINER[self.CFG_NODE].PREC
+        if prec not in PRECISIONS:
+            raise UserError(f"TRAINER.{self.CFG_NODE}.PREC must be one of {PRECISIONS}, got {prec!r}")
+
+    # ------------------------------------------------------------------------------ data
+    def custom_test_transform(self) -> Any:
+        """A test transform replacing Dassl's (e.g. TPT's 64 views); None keeps Dassl's."""
+        return None
+
+    def build_data_loader(self) -> None:
+        """Dassl's ``SimpleTrainer.build_data_loader`` with ``custom_test_transform``."""
+        dm = DataManager(self.cfg, custom_tfm_test=self.custom_test_transform())
+        self.dm = dm
+        self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
+        self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
+        self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
+        self.lab2cname = dm.lab2cname
+
+    # ----------------------------------------------------------------------------- model
+    def load_clip_model(self) -> nn.Module:
+        """Load the configured CLIP backbone on CPU in the precision the device supports."""
+        cfg = self.cfg
+        self.precision = resolve_precision(self.node.PREC, self.device)
+        name = cfg.MODEL.BACKBONE.NAME
+        print(f"Loading CLIP (backbone: {name}, precision: {self.precision})")
+        clip_model = load_clip(name, cfg.MODEL.BACKBONE.PATH, device="cpu", precision=self.precision)
+        resolution = clip_model.visual.input_resolution
+        if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
+            raise UserError(
+                f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but backbone {name} expects "
+                f"({resolution}, {resolution}); set INPUT.SIZE [{resolution}, {resolution}]"
+            )
+        return clip_model
+
+    @staticmethod
+    def freeze_except(model: nn.Module, trainable: tuple[str, ...]) -> list[str]:
+        """Freeze every parameter whose name does not start with one of ``trainable``."""
+        names = []
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(trainable))
+            if param.requires_grad:
+                names.append(name)
+        print(f"Parameters to be updated: {sorted(names)}")
+        return names
+
+    def make_grad_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler("cuda") if self.precision == "amp" else None
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision on CUDA when PREC is amp; a no-op context otherwise."""
+        return torch.autocast("cuda", enabled=self.precision == "amp") if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+
+    def step(self, loss: torch.Tensor, names: list[str] | None = None,
+             scaler: torch.amp.GradScaler | None = None) -> None:
+        """Backward and update (through the GradScaler under amp), as CoOp does."""
+        if scaler is None:
+            self.model_backward_and_update(loss, names)
+            return
+        self.model_zero_grad(names)
+        scaler.scale(loss).backward()
+        for name in self.get_model_names(names):
+            scaler.step(self._optims[name])
+        scaler.update()
+
+    # ------------------------------------------------------------------------ evaluation
+    def prepare_for_test(self) -> None:
+        """Hook run before the evaluation loop, with gradients enabled (e.g. adaptation)."""
+
+    def test(self, split: str | None = None) -> float:
+        """Dassl's evaluation loop, plus ECE; keeps the full metrics in ``self.test_result``."""
+        self.set_model_mode("eval")
+        self.evaluator.reset()
+        split = split or self.cfg.TEST.SPLIT
+        if split == "val" and self.val_loader is not None:
+            data_loader = self.val_loader
+        else:
+            split, data_loader = "test", self.test_loader
+        self.prepare_for_test()
+        print(f"Evaluate on the *{split}* set")
+        confidences, hits = [], []
+        with torch.no_grad():
+            for batch in tqdm(data_loader, desc=f"eval {split}", dynamic_ncols=True):
+                images, labels = self.parse_batch_test(batch)
+                logits = self.model_inference(images)
+                self.evaluator.process(logits, labels)
+                probs = F.softmax(logits.float(), dim=-1)
+                conf, pred = probs.max(dim=-1)
+                confidences.append(conf.cpu())
+                hits.append((pred == labels).cpu())
+        metrics = OrderedDict(self.evaluator.evaluate())
+        ece = expected_calibration_error(torch.cat(confidences), torch.cat(hits),
+                                         n_bins=self.cfg.TEST.ECE_BINS)
+        print(f"* ece: {ece:.1f}%")
+        metrics["ece"] = ece
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.write_scalar(f"{split}/{key}", value, self.epoch)
+        self.test_result = {"split": split, "metrics": metrics, "num_images": len(data_loader.dataset)}
+        return list(metrics.values())[0]
+
+    # ----------------------------------------------------------------------- checkpoints
+    def load_model(self, directory: str, epoch: int | None = None) -> None:
+        """Load the registered models from ``directory`` as CoOp does, with clear errors.
+
+        The class-name buffers are dropped (the current class set is kept), a missing file
+        names the path it looked for, and a tensor of another shape names both shapes.
+        ``epoch=None`` takes ``model-best.pth.tar`` if present, else the latest checkpoint.
+        """
+        if not directory:
+            print("Note that load_model() is skipped as no pretrained model is given")
+            return
+        for name in self.get_model_names():
+            path = self._checkpoint_path(directory, name, epoch)
+            checkpoint = load_checkpoint(path)
+            state_dict = {k: v for k, v in checkpoint["state_dict"].items()
+                          if k.rsplit(".", 1)[-1] not in CLASS_DEPENDENT_KEYS}
+            own = self._models[name].state_dict()
+            for key, value in state_dict.items():
+                if key in own and own[key].shape != value.shape:
+                    raise CheckpointError(
+                        f"Checkpoint {path} holds {name}.{key} of shape {tuple(value.shape)} but the model "
+                        f"built from this config expects {tuple(own[key].shape)} (check N_CTX, CTX_INIT, "
+                        f"CSC, HEAD and the backbone)"
+                    )
+            print(f'Load {path} to {name} (epoch={checkpoint.get("epoch")})')
+            missing = [k for k in own if k not in state_dict and k.rsplit(".", 1)[-1] not in CLASS_DEPENDENT_KEYS]
+            if missing:
+                raise CheckpointError(f"Checkpoint {path} lacks {missing} needed by {name}")
+            self._models[name].load_state_dict(state_dict, strict=False)
+
+    @staticmethod
+    def _checkpoint_path(directory: str, name: str, epoch: int | None) -> str:
+        folder = osp.join(directory, name)
+        if epoch is not None:
+            path = osp.join(folder, f"model.pth.tar-{epoch}")
+        elif osp.isfile(osp.join(folder, "model-best.pth.tar")):
+            path = osp.join(folder, "model-best.pth.tar")
+        elif osp.isfile(osp.join(folder, "checkpoint")):
+            with open(osp.join(folder, "checkpoint")) as f:
+                path = osp.join(folder, f.readline().strip())
+        else:
+            path = osp.join(folder, "model-best.pth.tar")
+        if not osp.isfile(path):
+            found = sorted(os.listdir(folder)) if osp.isdir(folder) else []
+            hint = f" (found: {', '.join(found)})" if found else " (the folder has no checkpoints)"
+            raise CheckpointError(
+                f"No checkpoint at {path}{hint}; check --model-dir and --load-epoch"
+            )
+        return path

@@ -1,0 +1,126 @@
+"""Small worlds for the tests: a tiny random-weight CLIP and a tiny image-folder dataset.
+
+Both go through the project's normal paths: the CLIP is saved as a state_dict file and
+loaded by ``MODEL.BACKBONE.NAME``; the dataset is registered in ``DATASET_REGISTRY`` and
+read from PNG files listed in a CoOp-style split.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from selftpt.clip_loader import build_random_clip, save_state_dict
+from selftpt.config import extend_cfg
+from selftpt.toolbox import DATASET_REGISTRY, DatasetBase, Datum, get_cfg_default
+
+TINY_CLIP_ARCH = dict(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64,
+                      vision_patch_size=16, context_length=32, vocab_size=49408,
+                      transformer_width=64, transformer_heads=1, transformer_layers=1)
+
+# Classes that differ in colour and shape, so a prompt can learn them from a few images.
+TINY_CLASSES = [("red", "square"), ("green", "circle"), ("blue", "triangle"),
+                ("yellow", "square"), ("purple", "circle"), ("orange", "triangle")]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
+           "yellow": (230, 220, 20), "purple": (150, 30, 180), "orange": (250, 140, 0)}
+N_PER_SPLIT = {"train": 8, "val": 2, "test": 4}
+
+
+def make_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """Write a tiny random CLIP state_dict (fp16, as OpenAI's) and return its path."""
+    save_state_dict(build_random_clip(TINY_CLIP_ARCH, seed=seed), path)
+    return path
+
+
+def _draw(colour: str, shape: str, rng: random.Random) -> Image.Image:
+    img = Image.new("RGB", (32, 32), tuple(rng.randint(0, 60) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    x, y, s = rng.randint(2, 10), rng.randint(2, 10), rng.randint(14, 20)
+    box = (x, y, x + s, y + s)
+    fill = COLOURS[colour]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(x, y + s), (x + s, y + s), (x + s // 2, y)], fill=fill)
+    return img
+
+
+def make_tiny_images(root: Path, seed: int = 0) -> dict[str, list[tuple[str, int, str]]]:
+    """Draw the tiny dataset under ``root/tiny_shapes`` and return its split lists."""
+    rng = random.Random(seed)
+    split: dict[str, list[tuple[str, int, str]]] = {k: [] for k in N_PER_SPLIT}
+    for label, (colour, shape) in enumerate(TINY_CLASSES):
+        name = f"{colour} {shape}"
+        folder = root / "tiny_shapes" / name.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        for part, n in N_PER_SPLIT.items():
+            for i in range(n):
+                path = folder / f"{part}_{i}.png"
+                _draw(colour, shape, rng).save(path)
+                split[part].append((str(path), label, name))
+    return split
+
+
+@DATASET_REGISTRY.register()
+class TinyShapes(DatasetBase):
+    """Six coloured-shape classes drawn at 32 px, for tests; honours NUM_SHOTS and base/new."""
+
+    dataset_dir = "tiny_shapes"
+
+    def __init__(self, cfg) -> None:
+        root = Path(os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT)))
+        split = make_tiny_images(root) if not (root / self.dataset_dir).is_dir() else _read_back(root)
+        train, val, test = ([Datum(impath=p, label=l, classname=c) for p, l, c in split[k]]
+                            for k in ("train", "val", "test"))
+        if cfg.DATASET.NUM_SHOTS >= 1:
+            train = self.generate_fewshot_dataset(train, num_shots=cfg.DATASET.NUM_SHOTS)
+            val = self.generate_fewshot_dataset(val, num_shots=min(cfg.DATASET.NUM_SHOTS, 4))
+        train, val, test = _subsample(train, val, test, cfg.DATASET.SUBSAMPLE_CLASSES)
+        super().__init__(train_x=train, val=val, test=test)
+
+
+def _read_back(root: Path) -> dict[str, list[tuple[str, int, str]]]:
+    split: dict[str, list[tuple[str, int, str]]] = {k: [] for k in N_PER_SPLIT}
+    for label, (colour, shape) in enumerate(TINY_CLASSES):
+        name = f"{colour} {shape}"
+        folder = root / "tiny_shapes" / name.replace(" ", "_")
+        for part, n in N_PER_SPLIT.items():
+            split[part] += [(str(folder / f"{part}_{i}.png"), label, name) for i in range(n)]
+    return split
+
+
+def _subsample(train, val, test, subsample: str):
+    from datasets.common import subsample_classes
+    return subsample_classes(train, val, test, subsample=subsample)
+
+
+def tiny_cfg(root: Path, clip_path: Path, trainer: str = "CoOp", opts: tuple = ()):
+    """A config for ``trainer`` on TinyShapes with the tiny CLIP, fast CPU settings."""
+    cfg = extend_cfg(get_cfg_default())
+    cfg.DATASET.NAME = "TinyShapes"
+    cfg.DATASET.ROOT = str(root)
+    cfg.MODEL.BACKBONE.NAME = str(clip_path)
+    cfg.TRAINER.NAME = trainer
+    cfg.INPUT.SIZE = (32, 32)
+    cfg.INPUT.INTERPOLATION = "bicubic"
+    cfg.INPUT.PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
+    cfg.INPUT.PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
+    cfg.INPUT.TRANSFORMS = ["random_resized_crop", "random_flip", "normalize"]
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.DATALOADER.TRAIN_X.BATCH_SIZE = 8
+    cfg.DATALOADER.TEST.BATCH_SIZE = 16
+    cfg.OPTIM.NAME = "sgd"
+    cfg.OPTIM.LR = 0.01
+    cfg.OPTIM.MAX_EPOCH = 2
+    cfg.OPTIM.LR_SCHEDULER = "cosine"
+    cfg.TRAIN.PRINT_FREQ = 5
+    cfg.USE_CUDA = False
+    for node in ("COOP", "SELFTPT", "TPT", "COCOOP"):
+        cfg.TRAINER[node].PREC = "fp32"
+    cfg.merge_from_list(list(opts))
+    return cfg

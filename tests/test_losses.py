@@ -1,0 +1,107 @@
+"""Self-TPT's and TPT's losses against hand-computed values and finite differences."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selftpt.calibration import expected_calibration_error
+from selftpt.losses import (
+    GradientEMA,
+    ensemble_views,
+    gradient_matching_loss,
+    marginal_entropy,
+    select_confident,
+    supervised_contrastive_loss,
+)
+
+
+def _supcon_by_hand(z, labels, tau):
+    n, total, anchors = len(z), 0.0, 0
+    for i in range(n):
+        pos = [p for p in range(n) if p != i and labels[p] == labels[i]]
+        if not pos:
+            continue
+        denom = sum(math.exp(sum(a * b for a, b in zip(z[i], z[a_])) / tau) for a_ in range(n) if a_ != i)
+        term = 0.0
+        for p in pos:
+            term += math.log(math.exp(sum(a * b for a, b in zip(z[i], z[p])) / tau) / denom)
+        total += -term / len(pos)
+        anchors += 1
+    return total / anchors
+
+
+def test_supcon_equals_hand_computed_value():
+    z = F.normalize(torch.tensor([[1.0, 0.2], [0.9, 0.5], [-0.3, 1.0], [0.1, 0.8], [0.7, -0.7]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2])  # class 2 has no positive: not an anchor, still a negative
+    got = supervised_contrastive_loss(z, labels, temperature=0.5)
+    expected = _supcon_by_hand(z.tolist(), labels.tolist(), 0.5)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_supcon_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    z = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.autograd.gradcheck(lambda x: supervised_contrastive_loss(x, labels, 0.3), (z,))
+
+
+def test_supcon_refuses_a_single_class():
+    z = F.normalize(torch.randn(4, 3), dim=-1)
+    with pytest.raises(ValueError, match="two classes"):
+        supervised_contrastive_loss(z, torch.zeros(4, dtype=torch.long))
+
+
+def test_gradient_matching_gradient_matches_hand_derivation():
+    # L_cpt(c) = 0.5 c^T A c  =>  g = A c ;  L_gm = 1 - cos(g, e)
+    # dL_gm/dc = -A^T [ e / (|g||e|) - cos(g, e) g / |g|^2 ]
+    a = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 3.0]], dtype=torch.float64)
+    c = torch.tensor([0.4, -1.0, 0.7], dtype=torch.float64, requires_grad=True)
+    e = torch.tensor([1.0, 0.2, -0.5], dtype=torch.float64)
+    loss_cpt = 0.5 * c @ a @ c
+    g = torch.autograd.grad(loss_cpt, c, create_graph=True)[0]
+    loss_gm = gradient_matching_loss(g, e)
+    (grad_c,) = torch.autograd.grad(loss_gm, c)
+    g_val = (a @ c).detach()
+    cos = (g_val @ e) / (g_val.norm() * e.norm())
+    d_cos_d_g = e / (g_val.norm() * e.norm()) - cos * g_val / g_val.norm() ** 2
+    expected = -(a.t() @ d_cos_d_g)
+    assert torch.allclose(grad_c.double(), expected, atol=1e-6)
+    assert loss_gm.item() == pytest.approx(1 - cos.item(), abs=1e-6)
+
+
+def test_gradient_ema_follows_the_decay_rule():
+    ema = GradientEMA(decay=0.9)
+    assert torch.equal(ema.update(torch.tensor([1.0, 0.0])), torch.tensor([1.0, 0.0]))
+    assert torch.allclose(ema.update(torch.tensor([0.0, 1.0])), torch.tensor([0.9, 0.1]))
+
+
+def test_select_confident_keeps_the_lowest_entropy_tenth():
+    logits = torch.zeros(20, 5)
+    sharp = [3, 11]  # the 10% (2 of 20) most confident views
+    logits[3, 0], logits[11, 2] = 9.0, 7.0
+    logits[5, 1] = 2.0  # somewhat confident, but less so
+    assert sorted(select_confident(logits, 0.1).tolist()) == sharp
+
+
+def test_marginal_entropy_equals_hand_computed_value():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    p = torch.softmax(logits, dim=-1).mean(dim=0)
+    expected = -(p * p.log()).sum()
+    assert marginal_entropy(logits).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_ensemble_views_means_probabilities():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]])  # (B=1, V=3, C=2)
+    probs = ensemble_views(logits, "mean").exp()
+    assert torch.allclose(probs, torch.softmax(logits, -1).mean(1), atol=1e-6)
+    confident = ensemble_views(logits, "confident", fraction=0.34).exp()  # one view of three
+    assert torch.allclose(confident, torch.softmax(logits[0, :1], -1), atol=1e-6) or \
+        torch.allclose(confident, torch.softmax(logits[0, 1:2], -1), atol=1e-6)
+
+
+def test_ece_equals_hand_computed_value():
+    conf = torch.tensor([0.25, 0.75, 0.75, 1.0])
+    correct = torch.tensor([0, 1, 0, 1])
+    # 4 bins (0,.25] (.25,.5] (.5,.75] (.75,1]: |0-.25|*1/4 + |.5-.75|*2/4 + |1-1|*1/4
+    assert expected_calibration_error(conf, correct, n_bins=4) == pytest.approx(100 * (0.0625 + 0.125))

@@ -1,0 +1,93 @@
+"""The CoOp prompt learner, the text encoder and the CPT views on a tiny random CLIP."""
+import pytest
+import torch
+
+from selftpt.clip_loader import build_random_clip, tokenize
+from selftpt.cpt import ContrastivePromptTask, class_chunks, sample_classes
+from selftpt.prompt_learner import PromptLearner
+from selftpt.prompted_clip import PromptedCLIP
+from tests.helpers import TINY_CLIP_ARCH
+
+NAMES = ["red square", "green circle", "blue_triangle"]
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    return build_random_clip(TINY_CLIP_ARCH, seed=0)
+
+
+def test_ctx_init_takes_the_word_embeddings(clip_model):
+    learner = PromptLearner(NAMES, clip_model, ctx_init="a photo of a")
+    tokens = tokenize("a photo of a", 32)
+    expected = clip_model.token_embedding(tokens)[0, 1:5]
+    assert learner.n_ctx == 4 and torch.equal(learner.ctx.data, expected)
+    assert learner.classnames[2] == "blue triangle"  # underscores cleaned as CoOp
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_layouts_place_class_tokens_as_coop(clip_model, position):
+    learner = PromptLearner(NAMES, clip_model, n_ctx=4)
+    prompts = learner(position)  # (3, L, d)
+    assert prompts.shape == (3, 32, 64)
+    i = 1  # "green circle" = 2 BPE tokens
+    name_len = learner.name_lens[i]
+    class_emb = learner.token_suffix[i, :name_len]
+    start = {"end": 1 + 4, "middle": 1 + 2, "front": 1}[position]
+    assert torch.equal(prompts[i, start:start + name_len], class_emb)
+    ctx_at = {"end": [1, 2, 3, 4], "middle": [1, 2, start + name_len, start + name_len + 1],
+              "front": [1 + name_len + k for k in range(4)]}[position]
+    assert torch.equal(prompts[i, ctx_at], learner.ctx.data)
+    # every layout keeps the EOT token where the tokenizer put it
+    assert torch.equal(prompts[i, -5:], learner.token_suffix[i, -5:])
+
+
+def test_end_layout_with_ctx_init_reproduces_the_plain_prompt(clip_model):
+    learner = PromptLearner(NAMES, clip_model, ctx_init="a photo of a")
+    model = PromptedCLIP(learner, clip_model)
+    with torch.no_grad():
+        ours = model.text_features("end")
+        ref = clip_model.encode_text(tokenize([f"a photo of a {n}." for n in learner.classnames], 32))
+    assert torch.allclose(ours, torch.nn.functional.normalize(ref, dim=-1), atol=1e-5)
+
+
+def test_set_classnames_keeps_context_and_rebuilds_buffers(clip_model):
+    learner = PromptLearner(NAMES, clip_model, n_ctx=4)
+    ctx = learner.ctx.data.clone()
+    learner.set_classnames(["cat", "dog"])
+    assert learner.n_cls == 2 and learner.token_prefix.shape[0] == 2
+    assert torch.equal(learner.ctx.data, ctx)
+    with pytest.raises(ValueError, match="empty"):
+        learner.set_classnames([])
+
+
+def test_overlong_class_name_is_named(clip_model):
+    with pytest.raises(ValueError, match="endless"):
+        PromptLearner(["cat", " ".join(["endless"] * 40)], clip_model, n_ctx=4)
+
+
+def test_cpt_views_and_loss_reach_the_context(clip_model):
+    learner = PromptLearner(NAMES, clip_model, ctx_init="a photo of a")
+    model = PromptedCLIP(learner, clip_model)
+    cpt = ContrastivePromptTask(model, ["front", "middle", "end", "handcrafted"], head="mlp")
+    z, labels = cpt.features(model, torch.arange(3))
+    assert z.shape == (12, 64) and labels.tolist() == [0, 1, 2] * 4
+    loss = cpt.loss(model, torch.arange(3))
+    loss.backward()
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+
+
+def test_cpt_needs_two_views(clip_model):
+    model = PromptedCLIP(PromptLearner(NAMES, clip_model, n_ctx=4), clip_model)
+    with pytest.raises(ValueError, match="two distinct views"):
+        ContrastivePromptTask(model, ["end"])
+
+
+def test_class_sampling_keeps_batch_classes_and_bounds_the_rest():
+    g = torch.Generator().manual_seed(0)
+    picked = sample_classes(torch.tensor([7, 7, 3]), n_cls=100, max_classes=10, generator=g)
+    assert len(picked) == 10 and {3, 7} <= set(picked.tolist())
+    chunks = class_chunks(9, 4, generator=g)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(9))
+    assert all(len(c) >= 2 for c in chunks) and max(len(c) for c in chunks) <= 5
+    with pytest.raises(ValueError, match="two class names"):
+        class_chunks(1, 4)

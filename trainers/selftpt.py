@@ -1,0 +1,206 @@
+"""Self-TPT: efficient test-time prompt tuning (Zhu et al., arXiv 2408.05775).
+
+Stage 1 (``forward_backward``): co-train a CoOp prompt on labelled source images with
+cross-entropy, the contrastive prompt task on class names (CPT) and gradient matching (GM).
+Stage 2 (``prepare_for_test``): adapt a copy of the prompt on the *target class names* with
+CPT only, once per class set, before any test image is read.
+Stage 3 (``model_inference``): one CLIP image pass per image against text features computed
+once; Self-TPT-v (``N_VIEWS`` 64) ensembles the predictions of TPT's views instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+from selftpt.cpt import ContrastivePromptTask, class_chunks, sample_classes
+from selftpt.errors import UserError
+from selftpt.losses import GradientEMA, ensemble_views, gradient_matching_loss
+from selftpt.prompt_learner import POSITIONS
+from selftpt.prompted_clip import PromptedCLIP
+from selftpt.templates import template_for
+from selftpt.toolbox import (
+    TRAINER_REGISTRY,
+    build_lr_scheduler,
+    build_optimizer,
+    compute_accuracy,
+    load_pretrained_weights,
+)
+from selftpt.trainer_base import ClipTrainer
+from selftpt.views import TestTimeViews, use_augmix
+from trainers.coop import build_prompt_learner
+
+TTA_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+@TRAINER_REGISTRY.register()
+class SelfTPT(ClipTrainer):
+    """CoOp prompt + CPT + GM in training; class-name adaptation and single-pass inference."""
+
+    CFG_NODE = "SELFTPT"
+
+    # ------------------------------------------------------------------------------ build
+    def check_cfg(self, cfg: Any) -> None:
+        super().check_cfg(cfg)
+        node = cfg.TRAINER.SELFTPT
+        if node.TTA_OPTIM not in TTA_OPTIMIZERS:
+            raise UserError(f"TRAINER.SELFTPT.TTA_OPTIM must be one of {list(TTA_OPTIMIZERS)}, got {node.TTA_OPTIM!r}")
+        if node.CLS_VIEW not in ("single", "mean"):
+            raise UserError(f"TRAINER.SELFTPT.CLS_VIEW must be single or mean, got {node.CLS_VIEW!r}")
+        if node.USE_GM and not node.USE_CPT:
+            raise UserError("TRAINER.SELFTPT.USE_GM needs USE_CPT True (GM aligns the CPT gradient)")
+
+    def custom_test_transform(self) -> TestTimeViews | None:
+        node, cfg = self.cfg.TRAINER.SELFTPT, self.cfg
+        if node.N_VIEWS <= 1:
+            return None
+        return TestTimeViews(cfg.INPUT.SIZE, node.N_VIEWS, use_augmix(node.AUGMIX, cfg.DATASET.NAME),
+                             cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, cfg.INPUT.INTERPOLATION)
+
+    def build_model(self) -> None:
+        cfg, node = self.cfg, self.node
+        clip_model = self.load_clip_model()
+        print("Building Self-TPT (CoOp prompt + CPT head)")
+        learner = build_prompt_learner(node, self.classnames, clip_model)
+        self.model = PromptedCLIP(learner, clip_model, grad_checkpoint=node.GRAD_CHECKPOINT)
+        template = node.HANDCRAFTED_TEMPLATE or template_for(cfg.DATASET.NAME)
+        self.cpt = ContrastivePromptTask(self.model, list(node.CPT_VIEWS), node.HEAD, node.TEMPERATURE, template)
+        self.freeze_except(self.model, ("prompt_learner",))
+        if cfg.MODEL.INIT_WEIGHTS:
+            load_pretrained_weights(self.model.prompt_learner, cfg.MODEL.INIT_WEIGHTS)
+        self.model.to(self.device)
+        self.cpt.to(self.device)
+        # Two registered models so that prompt_learner/ checkpoints stay CoOp's format.
+        self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
+        if any(p.requires_grad for p in self.cpt.head.parameters()):
+            self.head_optim = build_optimizer(self.cpt.head, cfg.OPTIM)
+            self.head_sched = build_lr_scheduler(self.head_optim, cfg.OPTIM)
+            self.register_model("cpt_head", self.cpt.head, self.head_optim, self.head_sched)
+        self.scaler = self.make_grad_scaler()
+        self.grad_ema = GradientEMA(node.GM_EMA)
+        self.cpt_generator = torch.Generator().manual_seed(max(cfg.SEED, 0))
+        self.epoch_grad_cos: list[float] = []
+        self.result_extra: dict[str, Any] = {"grad_cos_per_epoch": []}
+
+    # --------------------------------------------------------------------------- stage 1
+    def class_text_features(self, ctx: torch.Tensor | None = None,
+                            indices: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, D) normalised classification text features (one layout, or the mean of three)."""
+        if self.node.CLS_VIEW == "single":
+            return self.model.text_features(self.node.CLASS_TOKEN_POSITION, ctx=ctx, indices=indices)
+        feats = torch.stack([self.model.text_features(p, ctx=ctx, indices=indices) for p in POSITIONS])
+        return F.normalize(feats.mean(dim=0), dim=-1)
+
+    def forward_backward(self, batch: dict) -> dict[str, float]:
+        node = self.node
+        images, labels = self.parse_batch_train(batch)
+        ctx = self.model.prompt_learner.ctx
+        with self.autocast():
+            with torch.no_grad():  # the image encoder is frozen
+                image_features = self.model.encode_image(images)
+            logits = self.model.logits(image_features, self.class_text_features())
+            loss_ce = F.cross_entropy(logits, labels)
+            loss = loss_ce
+            summary = {"loss_ce": loss_ce.item(), "acc": compute_accuracy(logits, labels)[0].item()}
+            if node.USE_CPT:
+                indices = sample_classes(labels, self.num_classes, node.CPT_MAX_CLASSES, self.cpt_generator)
+                # Double backward (GM) is not implemented for the fused attention kernels.
+                kernel = sdpa_kernel(SDPBackend.MATH) if node.USE_GM else contextlib.nullcontext()
+                with kernel:
+                    loss_cpt = self.cpt.loss(self.model, indices)
+                loss = loss + node.LAMBDA_CPT * loss_cpt
+                summary["loss_cpt"] = loss_cpt.item()
+                measure = node.USE_GM or (node.GRAD_COS_FREQ > 0 and self.batch_idx % node.GRAD_COS_FREQ == 0)
+                if measure:
+                    grad_ce = torch.autograd.grad(loss_ce, ctx, retain_graph=True)[0]
+                    with kernel:
+                        grad_cpt = torch.autograd.grad(loss_cpt, ctx, retain_graph=True, create_graph=node.USE_GM)[0]
+                    cos = F.cosine_similarity(grad_cpt.detach().flatten().float(), grad_ce.flatten().float(), dim=0)
+                    self.epoch_grad_cos.append(cos.item())
+                    summary["grad_cos"] = cos.item()
+                    if node.USE_GM:
+                        loss_gm = gradient_matching_loss(grad_cpt, self.grad_ema.update(grad_ce))
+                        loss = loss + node.LAMBDA_GM * loss_gm
+                        summary["loss_gm"] = loss_gm.item()
+        self.step(loss, scaler=self.scaler)
+        summary["loss"] = loss.item()
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return summary
+
+    def parse_batch_train(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def after_epoch(self) -> None:
+        if self.epoch_grad_cos:
+            mean_cos = sum(self.epoch_grad_cos) / len(self.epoch_grad_cos)
+            print(f"epoch [{self.epoch + 1}/{self.max_epoch}] cos(grad L_cpt, grad L_ce) = {mean_cos:.4f}")
+            self.result_extra["grad_cos_per_epoch"].append(round(mean_cos, 6))
+            self.write_scalar("train/grad_cos", mean_cos, self.epoch)
+            self.epoch_grad_cos = []
+        super().after_epoch()
+
+    # ------------------------------------------------------------------------ stage 2, 3
+    def cpt_loss_over(self, chunks: list[torch.Tensor], ctx: torch.Tensor) -> float:
+        """Mean CPT loss over a partition of the classes, without gradients (for logging)."""
+        with torch.no_grad():
+            return sum(self.cpt.loss(self.model, c, ctx=ctx).item() for c in chunks) / len(chunks)
+
+    def adapt_to_class_names(self, ctx0: torch.Tensor) -> torch.Tensor:
+        """Stage 2: a copy of the prompt tuned with CPT on the current class names only."""
+        node = self.node
+        n_cls = self.model.prompt_learner.n_cls
+        if n_cls < 2:
+            raise UserError(
+                f"Self-TPT's test-time adaptation contrasts class names and needs at least two; the "
+                f"target set has {n_cls}. Set TRAINER.SELFTPT.TTA False to evaluate without it"
+            )
+        generator = torch.Generator().manual_seed(max(self.cfg.SEED, 0))
+        chunks = class_chunks(n_cls, node.CPT_MAX_CLASSES, generator)
+        ctx = ctx0.detach().clone().requires_grad_(True)
+        optim = TTA_OPTIMIZERS[node.TTA_OPTIM]([ctx], lr=node.TTA_LR)
+        loss_before = self.cpt_loss_over(chunks, ctx)
+        self.cpt.eval()
+        start = time.perf_counter()
+        for step in tqdm(range(node.TTA_STEPS), desc="adapt on class names", dynamic_ncols=True):
+            with self.autocast():
+                loss = self.cpt.loss(self.model, chunks[step % len(chunks)], ctx=ctx)
+            # Only the context moves; autograd.grad leaves the frozen head's .grad alone.
+            ctx.grad = torch.autograd.grad(loss, ctx)[0]
+            optim.step()
+        seconds = time.perf_counter() - start
+        loss_after = self.cpt_loss_over(chunks, ctx)
+        print(f"Test-time adaptation on {n_cls} class names: CPT loss {loss_before:.4f} -> "
+              f"{loss_after:.4f} in {seconds:.2f}s ({node.TTA_STEPS} steps)")
+        self.result_extra["tta"] = {"n_classes": n_cls, "steps": node.TTA_STEPS, "seconds": seconds,
+                                    "cpt_loss_before": loss_before, "cpt_loss_after": loss_after}
+        return ctx.detach()
+
+    def prepare_for_test(self) -> None:
+        """Adapt (unless TTA is off) and cache the class text features for inference."""
+        self.cpt.refresh_class_set(self.model)
+        ctx = self.model.prompt_learner.ctx.detach()
+        if self.node.TTA:
+            ctx = self.adapt_to_class_names(ctx)
+        start = time.perf_counter()
+        with torch.no_grad(), self.autocast():
+            n_cls = self.model.prompt_learner.n_cls
+            chunks = torch.arange(n_cls, device=ctx.device).split(256)
+            self.eval_text_features = torch.cat([self.class_text_features(ctx, c) for c in chunks])
+        self.result_extra["text_features_seconds"] = time.perf_counter() - start
+
+    def model_inference(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            if images.dim() == 4:  # Self-TPT: one pass per image
+                return self.model.logits(self.model.encode_image(images), self.eval_text_features)
+            batch, n_views = images.shape[:2]  # Self-TPT-v: (B, V, 3, H, W)
+            feats = self.model.encode_image(images.flatten(0, 1))
+            logits = self.model.logits(feats, self.eval_text_features).view(batch, n_views, -1)
+        return ensemble_views(logits, self.node.VIEW_AGGREGATION, self.node.SELECTION_P)
