@@ -28,6 +28,8 @@ def extend_cfg(cfg: CN) -> CN:
 
     cfg.MODEL.BACKBONE.PATH = ""  # local CLIP file (TorchScript or state_dict); overrides download
 
+    cfg.TRAINER.METHOD_NAME = ""  # display name in tables (e.g. "SelfTPT-v"); "" = TRAINER.NAME
+
     cfg.TRAINER.COOP = _prompt_node(16, "")
     cfg.TRAINER.COOP.CSC = False  # class-specific context
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front

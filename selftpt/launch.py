@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from selftpt.clip_loader import available_backbones
 from selftpt.config import extend_cfg
 from selftpt.errors import UserError
 from selftpt.results import RESULTS_FILENAME, make_record, write_results
@@ -116,6 +117,9 @@ def check_cfg_names(cfg: Any) -> None:
     _check_name("trainer", cfg.TRAINER.NAME, TRAINER_REGISTRY.registered_names(), "--trainer")
     _check_name("dataset", cfg.DATASET.NAME, DATASET_REGISTRY.registered_names(),
                 "DATASET.NAME via --dataset-config-file")
+    backbone = cfg.MODEL.BACKBONE.NAME
+    if not cfg.MODEL.BACKBONE.PATH and not osp.isfile(backbone):
+        _check_name("backbone", backbone, available_backbones(), "--backbone or MODEL.BACKBONE.NAME")
 
 
 def prepare_output_dir(output_dir: str) -> None:
@@ -173,7 +177,9 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
         return {}
     if getattr(trainer, "test_result", None) is None:
         return {}  # TEST.NO_TEST: nothing was evaluated
-    record = make_record(cfg, trainer.test_result, extra=getattr(trainer, "result_extra", {}))
+    result = trainer.test_result
+    record = make_record(cfg, result["metrics"], result["num_images"],
+                         extra={"split_evaluated": result["split"], **getattr(trainer, "result_extra", {})})
     path = write_results(cfg.OUTPUT_DIR, record)
     print(f"Results written to {path}")
     return record

@@ -99,28 +99,26 @@ def _subsample(train, val, test, subsample: str):
     return subsample_classes(train, val, test, subsample=subsample)
 
 
+def tiny_opts(root: Path, clip_path: Path, trainer: str = "CoOp") -> list[str]:
+    """``KEY VALUE`` options for ``trainer`` on TinyShapes with the tiny CLIP, fast CPU settings."""
+    settings = {
+        "DATASET.NAME": "TinyShapes", "DATASET.ROOT": str(root), "MODEL.BACKBONE.NAME": str(clip_path),
+        "TRAINER.NAME": trainer, "INPUT.SIZE": "(32, 32)", "INPUT.INTERPOLATION": "bicubic",
+        "INPUT.PIXEL_MEAN": "[0.48145466, 0.4578275, 0.40821073]",
+        "INPUT.PIXEL_STD": "[0.26862954, 0.26130258, 0.27577711]",
+        "INPUT.TRANSFORMS": "['random_resized_crop', 'random_flip', 'normalize']",
+        "DATALOADER.NUM_WORKERS": "0", "DATALOADER.TRAIN_X.BATCH_SIZE": "8",
+        "DATALOADER.TEST.BATCH_SIZE": "16", "OPTIM.NAME": "sgd", "OPTIM.LR": "0.01",
+        "OPTIM.MAX_EPOCH": "2", "OPTIM.LR_SCHEDULER": "cosine", "TRAIN.PRINT_FREQ": "5",
+        "USE_CUDA": "False",
+    }
+    for node in ("COOP", "SELFTPT", "TPT", "COCOOP", "ZSCLIP"):
+        settings[f"TRAINER.{node}.PREC"] = "fp32"
+    return [x for kv in settings.items() for x in kv]
+
+
 def tiny_cfg(root: Path, clip_path: Path, trainer: str = "CoOp", opts: tuple = ()):
-    """A config for ``trainer`` on TinyShapes with the tiny CLIP, fast CPU settings."""
+    """The frozen-free config of ``tiny_opts`` plus ``opts``."""
     cfg = extend_cfg(get_cfg_default())
-    cfg.DATASET.NAME = "TinyShapes"
-    cfg.DATASET.ROOT = str(root)
-    cfg.MODEL.BACKBONE.NAME = str(clip_path)
-    cfg.TRAINER.NAME = trainer
-    cfg.INPUT.SIZE = (32, 32)
-    cfg.INPUT.INTERPOLATION = "bicubic"
-    cfg.INPUT.PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
-    cfg.INPUT.PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
-    cfg.INPUT.TRANSFORMS = ["random_resized_crop", "random_flip", "normalize"]
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.DATALOADER.TRAIN_X.BATCH_SIZE = 8
-    cfg.DATALOADER.TEST.BATCH_SIZE = 16
-    cfg.OPTIM.NAME = "sgd"
-    cfg.OPTIM.LR = 0.01
-    cfg.OPTIM.MAX_EPOCH = 2
-    cfg.OPTIM.LR_SCHEDULER = "cosine"
-    cfg.TRAIN.PRINT_FREQ = 5
-    cfg.USE_CUDA = False
-    for node in ("COOP", "SELFTPT", "TPT", "COCOOP"):
-        cfg.TRAINER[node].PREC = "fp32"
-    cfg.merge_from_list(list(opts))
+    cfg.merge_from_list(tiny_opts(root, clip_path, trainer) + list(opts))
     return cfg

@@ -35,6 +35,12 @@ from selftpt.trainer_base import ClipTrainer
 from selftpt.views import TestTimeViews, use_augmix
 from trainers.coop import build_prompt_learner
 
+def differentiable_attention(needed: bool) -> contextlib.AbstractContextManager:
+    """The math attention kernel where a gradient must itself be differentiated (GM): the
+    fused kernels implement no double backward. Elsewhere the default (faster) kernels."""
+    return sdpa_kernel(SDPBackend.MATH) if needed else contextlib.nullcontext()
+
+
 TTA_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
@@ -111,16 +117,14 @@ class SelfTPT(ClipTrainer):
             summary = {"loss_ce": loss_ce.item(), "acc": compute_accuracy(logits, labels)[0].item()}
             if node.USE_CPT:
                 indices = sample_classes(labels, self.num_classes, node.CPT_MAX_CLASSES, self.cpt_generator)
-                # Double backward (GM) is not implemented for the fused attention kernels.
-                kernel = sdpa_kernel(SDPBackend.MATH) if node.USE_GM else contextlib.nullcontext()
-                with kernel:
+                with differentiable_attention(node.USE_GM):
                     loss_cpt = self.cpt.loss(self.model, indices)
                 loss = loss + node.LAMBDA_CPT * loss_cpt
                 summary["loss_cpt"] = loss_cpt.item()
                 measure = node.USE_GM or (node.GRAD_COS_FREQ > 0 and self.batch_idx % node.GRAD_COS_FREQ == 0)
                 if measure:
                     grad_ce = torch.autograd.grad(loss_ce, ctx, retain_graph=True)[0]
-                    with kernel:
+                    with differentiable_attention(node.USE_GM):
                         grad_cpt = torch.autograd.grad(loss_cpt, ctx, retain_graph=True, create_graph=node.USE_GM)[0]
                     cos = F.cosine_similarity(grad_cpt.detach().flatten().float(), grad_ce.flatten().float(), dim=0)
                     self.epoch_grad_cos.append(cos.item())

@@ -1,0 +1,132 @@
+"""The SelfTPT trainer: co-training, class-name adaptation, single-pass inference, -v views."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainers  # noqa: F401  (registers the trainers)
+from selftpt.launch import main
+from selftpt.toolbox import build_trainer
+from tests.helpers import tiny_cfg, tiny_opts
+
+
+def results(folder):
+    return json.loads((Path(folder) / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def selftpt_run(tmp_path_factory, tiny_data_root, tiny_clip_path):
+    out = tmp_path_factory.mktemp("selftpt") / "run"
+    opts = tiny_opts(tiny_data_root, tiny_clip_path, "SelfTPT") + ["TRAINER.SELFTPT.TTA_STEPS", "5"]
+    assert main(["--output-dir", str(out), "--seed", "1", *opts]) == 0
+    return out, opts
+
+
+def test_training_records_gradient_alignment_and_adaptation(selftpt_run):
+    out, _ = selftpt_run
+    rec = results(out)
+    assert len(rec["extra"]["grad_cos_per_epoch"]) == 2
+    assert all(-1.0 <= c <= 1.0 for c in rec["extra"]["grad_cos_per_epoch"])
+    tta = rec["extra"]["tta"]
+    assert tta["n_classes"] == 6 and tta["cpt_loss_after"] < tta["cpt_loss_before"]
+    assert (out / "prompt_learner" / "model.pth.tar-2").is_file()
+    assert (out / "cpt_head" / "model.pth.tar-2").is_file()
+    assert "Test-time adaptation on 6 class names: CPT loss" in (out / "log.txt").read_text()
+
+
+def test_eval_only_reproduces_the_adapted_result(selftpt_run, tmp_path):
+    out, opts = selftpt_run
+    assert main(["--output-dir", str(tmp_path / "e"), "--seed", "1", "--eval-only", "--model-dir", str(out),
+                 "--load-epoch", "2", *opts]) == 0
+    trained, evaluated = results(out), results(tmp_path / "e")
+    assert evaluated["metrics"]["accuracy"] == trained["metrics"]["accuracy"]
+    assert evaluated["metrics"]["ece"] == pytest.approx(trained["metrics"]["ece"], abs=1e-9)
+    assert evaluated["extra"]["tta"]["cpt_loss_after"] == pytest.approx(trained["extra"]["tta"]["cpt_loss_after"])
+
+
+def test_checkpoint_with_other_head_or_n_ctx_names_both_shapes(selftpt_run, tmp_path, capsys):
+    out, opts = selftpt_run
+    code = main(["--output-dir", str(tmp_path / "e"), "--eval-only", "--model-dir", str(out), "--load-epoch", "2",
+                 *opts, "TRAINER.SELFTPT.CTX_INIT", "a photo of", "TRAINER.SELFTPT.N_CTX", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "(4, 64)" in err and "(3, 64)" in err
+
+
+@pytest.fixture
+def trained_trainer(tiny_data_root, tiny_clip_path, tmp_path):
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT",
+                   ("OUTPUT_DIR", str(tmp_path / "t"), "OPTIM.MAX_EPOCH", "1", "SEED", "1"))
+    trainer = build_trainer(cfg)
+    trainer.train()
+    return trainer
+
+
+def test_adaptation_lowers_cpt_loss_and_reads_no_test_image(trained_trainer, monkeypatch):
+    trainer = trained_trainer
+    trained_ctx = trainer.model.prompt_learner.ctx.detach().clone()
+    reads = []
+    dataset = trainer.test_loader.dataset
+    original = type(dataset).__getitem__
+    monkeypatch.setattr(type(dataset), "__getitem__", lambda self, i: reads.append(i) or original(self, i))
+    trainer.prepare_for_test()
+    assert reads == []  # adaptation uses class names only
+    tta = trainer.result_extra["tta"]
+    assert tta["cpt_loss_after"] < tta["cpt_loss_before"]
+    # the trained prompt itself is untouched: every target set starts from it
+    assert torch.equal(trainer.model.prompt_learner.ctx.detach(), trained_ctx)
+    with torch.no_grad():
+        plain = trainer.class_text_features()
+    assert not torch.allclose(plain, trainer.eval_text_features)
+
+
+def _count_image_passes(trainer, monkeypatch):
+    encoder = trainer.model.image_encoder
+    seen = []
+    original = type(encoder).forward
+    monkeypatch.setattr(type(encoder), "forward", lambda self, x: seen.append(x.shape[0]) or original(self, x))
+    trainer.test()
+    return seen
+
+
+def test_selftpt_inference_is_one_image_pass_per_image(trained_trainer, monkeypatch):
+    seen = _count_image_passes(trained_trainer, monkeypatch)
+    n_images = len(trained_trainer.test_loader.dataset)
+    assert sum(seen) == n_images and len(seen) == len(trained_trainer.test_loader)
+
+
+def test_selftpt_v_ensembles_64_views(tiny_data_root, tiny_clip_path, tmp_path, monkeypatch):
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT",
+                   ("OUTPUT_DIR", str(tmp_path / "v"), "TRAINER.SELFTPT.N_VIEWS", "64",
+                    "TRAINER.SELFTPT.TTA_STEPS", "2", "DATALOADER.TEST.BATCH_SIZE", "4", "SEED", "1"))
+    trainer = build_trainer(cfg)
+    batch = next(iter(trainer.test_loader))
+    assert batch["img"].shape == (4, 64, 3, 32, 32)
+    seen = _count_image_passes(trainer, monkeypatch)
+    assert sum(seen) == 64 * len(trainer.test_loader.dataset)
+    assert 0.0 <= trainer.test_result["metrics"]["accuracy"] <= 100.0
+
+
+def test_gm_gradient_reaches_the_context(tiny_data_root, tiny_clip_path, tmp_path):
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT",
+                   ("OUTPUT_DIR", str(tmp_path / "g"), "TRAINER.SELFTPT.LAMBDA_CPT", "0.0", "SEED", "1"))
+    trainer = build_trainer(cfg)
+    ctx = trainer.model.prompt_learner.ctx
+    batch = next(iter(trainer.train_loader_x))
+    trainer.batch_idx, trainer.num_batches = 0, 99
+    # With only CE: the gradient is the CE gradient. With GM on top, it must differ.
+    images, labels = trainer.parse_batch_train(batch)
+    logits = trainer.model.logits(trainer.model.encode_image(images), trainer.class_text_features())
+    grad_ce = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, labels), ctx)[0]
+    before = ctx.detach().clone()
+    trainer.forward_backward(batch)
+    assert ctx.grad is not None
+    assert not torch.allclose(ctx.grad, grad_ce, atol=1e-7)  # L_gm contributed to the context gradient
+    assert not torch.equal(ctx.detach(), before)
+
+
+def test_a_single_target_class_is_refused_with_a_clear_message(trained_trainer):
+    from selftpt.errors import UserError
+    trained_trainer.model.prompt_learner.set_classnames(["red square"])
+    with pytest.raises(UserError, match="at least two"):
+        trained_trainer.prepare_for_test()
