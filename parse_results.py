@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Tabulate runs over seeds (results.json files, and CoOp-family log.txt), optionally plot.
+
+Examples:
+    python parse_results.py output/base2new
+    python parse_results.py output/xd --source ImageNet --format latex -o xd.tex
+    python parse_results.py output/base2new --plot eff.png --efficiency efficiency.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from selftpt import collect, tables
+from selftpt.plots import load_efficiency, plot_efficiency
+
+
+def _seeds(values: list[str]) -> tuple[int, ...] | None:
+    return None if values == ["all"] else tuple(int(v) for v in values)
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("roots", nargs="+", help="folders searched recursively for runs")
+    p.add_argument("--seeds", nargs="+", default=["1", "2", "3"],
+                   help="expected seeds; missing ones are flagged (default: 1 2 3; 'all' = "
+                        "whatever was found)")
+    p.add_argument("--format", choices=tables.FORMATS, default="terminal")
+    p.add_argument("-o", "--output", help="write the tables here instead of stdout")
+    p.add_argument("--std", choices=("population", "sample"), default="population",
+                   help="std over seeds: population (ddof=0, as CoOp's parse_test_res.py) "
+                        "or sample (ddof=1)")
+    p.add_argument("--no-std", action="store_true", help="means only (paper style)")
+    p.add_argument("--decimals", type=int, default=2)
+    p.add_argument("--ece", action="store_true", help="add expected calibration error")
+    p.add_argument("--source", help="source dataset of xd/dg tables: listed first, not averaged")
+    p.add_argument("--methods", nargs="+", help="only these methods, in this order")
+    p.add_argument("--list-runs", action="store_true", help="print every run found, then exit")
+    p.add_argument("--plot", metavar="PNG",
+                   help="accuracy vs images/s plot (needs --efficiency); accuracy is the first "
+                        "table's summary: base-to-new average HM, else the mean over datasets")
+    p.add_argument("--efficiency", metavar="JSON", help="efficiency benchmark output")
+    p.add_argument("--batch-size", help="which batch size's images/s to plot")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.plot) != bool(args.efficiency):
+        parser.error("--plot and --efficiency go together")
+    try:
+        seeds = _seeds(args.seeds)
+    except ValueError:
+        parser.error(f"--seeds takes integers or 'all', got {' '.join(args.seeds)}")
+    try:
+        found = collect.collect_runs(args.roots)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list_runs:
+        for r in sorted(found.runs, key=lambda r: (r.key, r.seed)):
+            print(f"{r.protocol or '-'}\t{r.method}\t{r.dataset}\t{r.subsample}\t{r.shots}\t"
+                  f"seed{r.seed}\t{r.metrics.get('accuracy')}\t{r.origin}\t{r.source}")
+    tabs, notes = tables.build_tables(found.runs, seeds=seeds, ddof=int(args.std == "sample"),
+                                      ece=args.ece, source=args.source, methods=args.methods)
+    notes = found.notes + notes
+    if args.list_runs:
+        _print_notes(notes)
+        return 0
+    if not tabs:
+        _print_notes(notes)
+        print(f"Nothing found in {' '.join(args.roots)}: no results.json, and no log.txt with a "
+              f"test result", file=sys.stderr)
+        return 1
+    text = tables.render(tabs, args.format, args.decimals, show_std=not args.no_std)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()  # tables first, then the notes about them
+    _print_notes(notes)
+    if args.plot:
+        head = tabs[0]
+        accuracy = {m: c.mean for m, c in head.headline.items() if c.mean is not None}
+        flagged = {m for m, c in head.headline.items() if c.flawed}
+        try:
+            path, plot_notes = plot_efficiency(accuracy, load_efficiency(args.efficiency),
+                                               args.plot, args.batch_size,
+                                               accuracy_label=head.headline_label, flagged=flagged)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for note in plot_notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

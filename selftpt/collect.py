@@ -1,0 +1,216 @@
+"""Finding finished runs under result folders: ``results.json`` first, Dassl logs otherwise.
+
+A directory with ``results.json`` (``selftpt.results``) is a run described by that file's
+fields. A directory with only Dassl logs (runs made by CoOp-family code) is described by the
+``** Config **`` block of its newest log (``selftpt.dassl_log``). The folder layout
+(``.../base2new/test_new/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>``, CoOp/PromptSRC style)
+is used only for what those sources lack: the protocol (folder names ``base2new``, ``xd``,
+``dg``, ``fewshot``; no results field holds it) and, for logs without a config block, seed,
+shots, base/new, dataset and trainer.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from selftpt import dassl_log
+from selftpt.results import RESULTS_FILENAME, ResultsFileError, read_results
+
+# Folder names that say which protocol a run belongs to (nearest to the run wins).
+_PROTOCOL_DIRS = {
+    "base2new": "base2new",
+    "base2novel": "base2new",
+    "xd": "xd",
+    "cross_dataset": "xd",
+    "crossdataset": "xd",
+    "dg": "dg",
+    "domain_generalization": "dg",
+    "fewshot": "fewshot",
+    "few_shot": "fewshot",
+}
+_SUBSAMPLE_DIRS = {"train_base": "base", "test_base": "base", "test_new": "new", "test_all": "all"}
+# CoOp's dataset order, then the DG variants; registered names and config-file names.
+_DATASETS = {
+    "imagenet": "ImageNet",
+    "caltech101": "Caltech101",
+    "oxfordpets": "OxfordPets",
+    "stanfordcars": "StanfordCars",
+    "oxfordflowers": "OxfordFlowers",
+    "flowers102": "OxfordFlowers",
+    "food101": "Food101",
+    "fgvcaircraft": "FGVCAircraft",
+    "sun397": "SUN397",
+    "describabletextures": "DescribableTextures",
+    "dtd": "DescribableTextures",
+    "eurosat": "EuroSAT",
+    "ucf101": "UCF101",
+    "imagenetv2": "ImageNetV2",
+    "imagenetsketch": "ImageNetSketch",
+    "imageneta": "ImageNetA",
+    "imagenetr": "ImageNetR",
+}
+DATASET_ORDER = list(dict.fromkeys(_DATASETS.values()))  # row/column order of tables
+_KNOWN_TRAINERS = ("ZeroshotCLIP", "ZeroshotCLIP2", "CoOp", "CoCoOp", "TPT", "SelfTPT",
+                   "KgCoOp", "MaPLe", "PromptSRC", "IVLP")
+
+
+def _squash(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def canonical_dataset(name: str) -> str:
+    """Registered Dassl name for a dataset name or config-file name (unknown names unchanged)."""
+    return _DATASETS.get(_squash(name), name)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated run (one seed of one setting)."""
+
+    method: str
+    dataset: str
+    subsample: str  # all | base | new
+    shots: int
+    seed: int  # negative: not seeded (e.g. zero-shot CLIP), counts as one complete run
+    backbone: str
+    split: str
+    protocol: str  # base2new | xd | dg | fewshot | "" (unknown)
+    metrics: Mapping[str, float | None]
+    source: Path  # the results file or log it came from
+    origin: str  # "results" | "log"
+    config_digest: str | None = None
+
+    @property
+    def key(self) -> "GroupKey":
+        return GroupKey(self.protocol, self.split, self.method, self.backbone, self.shots,
+                        self.dataset, self.subsample)
+
+
+@dataclass(frozen=True, order=True)
+class GroupKey:
+    """What the seeds of one table cell share."""
+
+    protocol: str
+    split: str
+    method: str
+    backbone: str
+    shots: int
+    dataset: str
+    subsample: str
+
+
+@dataclass
+class Collection:
+    """Runs found under the roots, and notes about what was skipped or suspicious."""
+
+    runs: list[Run] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _protocol_from_path(path: Path, subsample: str) -> str:
+    for part in reversed(path.parts):
+        if part.lower() in _PROTOCOL_DIRS:
+            return _PROTOCOL_DIRS[part.lower()]
+    return "base2new" if subsample in ("base", "new") else ""
+
+
+def _fields_from_path(run_dir: Path) -> dict:
+    """Best-effort fields from CoOp/PromptSRC folder names (the fallback)."""
+    parts = run_dir.parts
+    found: dict = {}
+    for i, part in enumerate(parts):
+        if m := re.fullmatch(r"seed(-?\d+)", part):
+            found["seed"] = int(m.group(1))
+        elif m := re.fullmatch(r"shots_(\d+)|.*?_?(\d+)shots", part):
+            found["shots"] = int(m.group(1) or m.group(2))
+        elif part in _SUBSAMPLE_DIRS:
+            found["subsample"] = _SUBSAMPLE_DIRS[part]
+            # base2new layout: <sub>/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>
+            if len(parts) > i + 3 and re.fullmatch(r"shots_\d+", parts[i + 2]):
+                found.setdefault("dataset", parts[i + 1])
+                found.setdefault("method", parts[i + 3])
+        elif _squash(part) in _DATASETS:
+            found.setdefault("dataset", part)
+        elif part in _KNOWN_TRAINERS:
+            found.setdefault("method", part)
+    return found
+
+
+def _int_or(value: str | None, default: int) -> int:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return default
+
+
+def _run_from_results(path: Path) -> Run:
+    rec = read_results(path)
+    return Run(
+        method=rec["method"],
+        dataset=canonical_dataset(rec["dataset"]),
+        subsample=rec["subsample_classes"],
+        shots=rec["num_shots"],
+        seed=rec["seed"],
+        backbone=rec["backbone"],
+        split=rec["split"],
+        protocol=_protocol_from_path(path.parent.resolve(), rec["subsample_classes"]),
+        metrics=rec["metrics"],
+        source=path,
+        origin="results",
+        config_digest=rec["config_digest"],
+    )
+
+
+def _run_from_log(log: dassl_log.ParsedLog) -> Run | str:
+    """A Run, or the reason why the log gives none."""
+    if log.metrics is None:
+        state = "finished training but no test result" if log.finished else (
+            "no test result" if log.eval_only else "training did not finish")
+        return f"{log.path}: {state}; seed counted as missing"
+    cfg, path_fields = log.config, _fields_from_path(log.path.parent.resolve())
+    trainer = cfg.get("TRAINER.NAME") or path_fields.get("method")
+    method = cfg.get("TRAINER.METHOD_NAME") or trainer
+    dataset = cfg.get("DATASET.NAME") or path_fields.get("dataset")
+    if not method or not dataset:
+        return f"{log.path}: cannot tell its method/dataset (no config block, unknown layout); skipped"
+    subsample = cfg.get("DATASET.SUBSAMPLE_CLASSES") or path_fields.get("subsample", "all")
+    metrics: dict[str, float | None] = {"macro_f1": None, "ece": None, **log.metrics}
+    return Run(
+        method=method,
+        dataset=canonical_dataset(dataset),
+        subsample=subsample,
+        shots=_int_or(cfg.get("DATASET.NUM_SHOTS"), path_fields.get("shots", -1)),
+        seed=_int_or(cfg.get("SEED"), path_fields.get("seed", -1)),
+        backbone=cfg.get("MODEL.BACKBONE.NAME", ""),
+        split=cfg.get("TEST.SPLIT", "test"),
+        protocol=_protocol_from_path(log.path.parent.resolve(), subsample),
+        metrics=metrics,
+        source=log.path,
+        origin="log",
+    )
+
+
+def collect_runs(roots: Iterable[str | os.PathLike]) -> Collection:
+    """Find every run under ``roots`` (recursively; hidden folders are skipped)."""
+    found = Collection()
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise FileNotFoundError(f"results root {root} is not a directory")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            run_dir = Path(dirpath)
+            if RESULTS_FILENAME in filenames:
+                try:
+                    found.runs.append(_run_from_results(run_dir / RESULTS_FILENAME))
+                except ResultsFileError as err:
+                    found.notes.append(f"{err}; seed counted as missing")
+                continue
+            log = dassl_log.newest_log(run_dir)
+            if log is None:
+                continue
+            run = _run_from_log(dassl_log.parse_log(log))
+            (found.runs if isinstance(run, Run) else found.notes).append(run)
+    return found

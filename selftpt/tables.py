@@ -1,0 +1,412 @@
+"""Paper-style result tables from collected runs (``selftpt.collect``): aggregate, render.
+
+Aggregation (:func:`build_tables`): runs are grouped by (protocol, test split, method,
+backbone, shots, dataset, base/new/all) and averaged over seeds. The std is the population
+std (``ddof=0``) by default, as ``np.std`` in CoOp's ``parse_test_res.py``, so the numbers
+compare with published CoOp-family tables; ``ddof=1`` (sample std) is an option and every
+caption says which one was used. Base-to-new HM is ``2*B*N/(B+N)`` of the seed-averaged B and
+N (never the mean of per-seed HMs), and the dataset-average HM is that of the averaged B and N,
+as in CoCoOp's and MaPLe's tables. Nothing missing is averaged away silently: a cell with
+fewer seeds than expected reads ``61.20 (2/3)`` / ``61.20 ± 0.40 (2/3)``, a cell derived from
+incomplete inputs carries ``*``, an absent one ``—``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from tabulate import tabulate
+
+from selftpt.collect import DATASET_ORDER, GroupKey, Run, canonical_dataset
+
+DEFAULT_SEEDS: tuple[int, ...] = (1, 2, 3)
+FORMATS = ("terminal", "markdown", "csv", "latex")
+MISSING = "—"
+
+_PROTOCOL_ORDER = ("base2new", "xd", "dg", "fewshot", "")
+_METHOD_ORDER = ("ZeroshotCLIP", "CoOp", "CoCoOp", "TPT", "SelfTPT", "SelfTPT-v")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table entry: a seed average, or a value derived from seed averages."""
+
+    mean: float | None
+    std: float | None = None
+    n: int = 0  # seeds found
+    expected: int = 0  # seeds expected; 0 when not applicable (derived or seedless)
+    missing_seeds: tuple[int, ...] = ()
+    incomplete: bool = False  # derived from inputs with missing seeds or datasets
+
+    @property
+    def partial(self) -> bool:
+        return self.expected > 0 and self.n < self.expected
+
+    @property
+    def flawed(self) -> bool:
+        return self.mean is None or self.partial or self.incomplete
+
+    def text(self, decimals: int = 2, show_std: bool = True, latex: bool = False) -> str:
+        if self.mean is None:
+            return "--" if latex else MISSING
+        out = f"{self.mean:.{decimals}f}"
+        if show_std and self.std is not None and self.n > 1:
+            out += (r" $\pm$ " if latex else " ± ") + f"{self.std:.{decimals}f}"
+        if self.partial:
+            out += f" ({self.n}/{self.expected})"
+        if self.incomplete:
+            out += "*"
+        return out
+
+
+def seed_cell(values: Mapping[int, float], expected: Sequence[int] | None, ddof: int = 0) -> Cell:
+    """Mean and std over seeds; ``expected=None`` takes whatever seeds were found."""
+    if values and all(seed < 0 for seed in values):
+        return Cell(mean=next(iter(values.values())), n=1)  # one deterministic run
+    if expected is not None:
+        values = {s: v for s, v in values.items() if s in expected}
+    missing = tuple(s for s in expected if s not in values) if expected is not None else ()
+    n_expected = len(expected) if expected is not None else 0
+    if not values:
+        return Cell(mean=None, expected=n_expected, missing_seeds=missing)
+    xs = [values[s] for s in sorted(values)]
+    mean = sum(xs) / len(xs)
+    # one seed has no spread to report (a population std of 0 would look like a measurement)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - ddof)) if len(xs) > 1 else None
+    return Cell(mean=mean, std=std, n=len(xs), expected=n_expected, missing_seeds=missing)
+
+
+def harmonic_mean(base: Cell, new: Cell) -> Cell:
+    """HM = 2BN/(B+N) of the (seed-averaged) base and new accuracies."""
+    if base.mean is None or new.mean is None:
+        return Cell(mean=None, incomplete=True)
+    b, n = base.mean, new.mean
+    hm = 2 * b * n / (b + n) if b + n > 0 else 0.0
+    return Cell(mean=hm, incomplete=base.flawed or new.flawed)
+
+
+def average_cells(cells: Sequence[Cell]) -> Cell:
+    """Mean over datasets of the seed averages; ``*`` if any input is missing or partial."""
+    present = [c.mean for c in cells if c.mean is not None]
+    if not present:
+        return Cell(mean=None, incomplete=True)
+    return Cell(mean=sum(present) / len(present), incomplete=any(c.flawed for c in cells))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True, order=True)
+class Variant:
+    """A table row/column family: one method on one backbone with one number of shots."""
+
+    method: str
+    backbone: str
+    shots: int
+
+
+@dataclass
+class Table:
+    """A rendered-format-independent table plus its tidy records for CSV."""
+
+    title: str
+    caption: str
+    header: list[str]
+    rows: list[list[str | Cell]]
+    records: list[dict] = field(default_factory=list)
+    headline: dict[str, Cell] = field(default_factory=dict)  # row label -> summary accuracy
+    headline_label: str = ""
+
+
+def _method_rank(method: str) -> tuple:
+    base = method.split("+")[0]
+    return (_METHOD_ORDER.index(base) if base in _METHOD_ORDER else len(_METHOD_ORDER), method)
+
+
+def _dataset_rank(name: str) -> tuple:
+    return (DATASET_ORDER.index(name) if name in DATASET_ORDER else len(DATASET_ORDER), name)
+
+
+def _labels(variants: Sequence[Variant]) -> dict[Variant, str]:
+    """Method names, with backbone/shots added only where a method has several."""
+    labels = {}
+    for v in variants:
+        same = [w for w in variants if w.method == v.method]
+        label = v.method
+        if len({w.backbone for w in same}) > 1:
+            label += f" [{v.backbone}]"
+        if len({w.shots for w in same}) > 1:
+            label += f" ({v.shots}-shot)" if v.shots > 0 else " (all)"
+        labels[v] = label
+    return labels
+
+
+def _std_name(ddof: int) -> str:
+    return "population std (ddof=0, as CoOp's parse_test_res.py)" if ddof == 0 else \
+        "sample std (ddof=1)"
+
+
+def _caption(runs: Sequence[Run], seeds: Sequence[int] | None, ddof: int, extra: str) -> str:
+    seed_text = ", ".join(map(str, seeds)) if seeds is not None else "all seeds found"
+    backbones = ", ".join(sorted({r.backbone or "?" for r in runs}))
+    return (
+        f"Mean ± {_std_name(ddof)} over seeds {seed_text}; backbone {backbones}. {extra}"
+        f"(k/n): only k of n expected seeds found. *: computed from incomplete inputs. "
+        f"{MISSING}: no result."
+    )
+
+
+def _record(table: str, key_fields: dict, metric: str, cell: Cell) -> dict:
+    return {
+        "table": table, **key_fields, "metric": metric,
+        "mean": "" if cell.mean is None else round(cell.mean, 6),
+        "std": "" if cell.std is None else round(cell.std, 6),
+        "n_seeds": cell.n, "n_expected": cell.expected,
+        "missing_seeds": " ".join(map(str, cell.missing_seeds)),
+        "incomplete": int(cell.flawed),
+    }
+
+
+def _seed_values(runs: Sequence[Run], metric: str) -> dict[GroupKey, dict[int, float]]:
+    grouped: dict[GroupKey, dict[int, float]] = defaultdict(dict)
+    for run in runs:
+        value = run.metrics.get(metric)
+        if value is not None:
+            grouped[run.key][run.seed] = float(value)
+    return grouped
+
+
+def _variants(runs: Sequence[Run], method_rank: Callable[[str], tuple]) -> list[Variant]:
+    return sorted({Variant(r.method, r.backbone, r.shots) for r in runs},
+                  key=lambda v: (method_rank(v.method), v))
+
+
+def _base2new_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None, ddof: int,
+                    ece: bool, method_rank: Callable[[str], tuple]) -> Table:
+    variants = _variants(runs, method_rank)
+    labels = _labels(variants)
+    datasets = sorted({r.dataset for r in runs}, key=_dataset_rank)
+    proto, split = runs[0].protocol, runs[0].split
+    acc, cal = _seed_values(runs, "accuracy"), _seed_values(runs, "ece")
+
+    def cell(values: dict, v: Variant, dataset: str, sub: str) -> Cell:
+        key = GroupKey(proto, split, v.method, v.backbone, v.shots, dataset, sub)
+        return seed_cell(values.get(key, {}), seeds, ddof)
+
+    header = ["Dataset", "Method", "Base", "New", "HM"] + (["ECE Base", "ECE New"] if ece else [])
+    table = Table(title, "", header, [], headline_label=f"HM (%), average over datasets ({title})")
+    per_variant: dict[Variant, list[tuple[Cell, Cell, Cell, Cell]]] = defaultdict(list)
+    for dataset in datasets:
+        for i, v in enumerate(variants):
+            b, n = cell(acc, v, dataset, "base"), cell(acc, v, dataset, "new")
+            eb, en = cell(cal, v, dataset, "base"), cell(cal, v, dataset, "new")
+            per_variant[v].append((b, n, eb, en))
+            table.rows.append([dataset if i == 0 else "", labels[v], b, n, harmonic_mean(b, n)]
+                              + ([eb, en] if ece else []))
+            keyf = {"dataset": dataset, "method": labels[v], "backbone": v.backbone,
+                    "shots": v.shots}
+            for metric, c in (("base", b), ("new", n), ("hm", harmonic_mean(b, n))) + (
+                    (("ece_base", eb), ("ece_new", en)) if ece else ()):
+                table.records.append(_record(title, keyf, metric, c))
+    for i, v in enumerate(variants):
+        cols = list(zip(*per_variant[v]))
+        b, n = average_cells(cols[0]), average_cells(cols[1])
+        hm = harmonic_mean(b, n)
+        eb, en = average_cells(cols[2]), average_cells(cols[3])
+        table.rows.append(["Average" if i == 0 else "", labels[v], b, n, hm]
+                          + ([eb, en] if ece else []))
+        keyf = {"dataset": "Average", "method": labels[v], "backbone": v.backbone, "shots": v.shots}
+        for metric, c in (("base", b), ("new", n), ("hm", hm)) + (
+                (("ece_base", eb), ("ece_new", en)) if ece else ()):
+            table.records.append(_record(title, keyf, metric, c))
+        table.headline[labels[v]] = hm
+    table.caption = _caption(runs, seeds, ddof,
+                             "HM = 2BN/(B+N) of the seed-averaged Base and New; Average = mean "
+                             "over datasets, its HM from the averaged Base and New. ")
+    return table
+
+
+def _accuracy_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None, ddof: int,
+                    metric: str, source: str | None,
+                    method_rank: Callable[[str], tuple]) -> Table:
+    variants = _variants(runs, method_rank)
+    labels = _labels(variants)
+    source = canonical_dataset(source) if source else None
+    datasets = sorted({r.dataset for r in runs}, key=lambda d: (d != source, _dataset_rank(d)))
+    targets = [d for d in datasets if d != source]
+    proto, split, sub = runs[0].protocol, runs[0].split, runs[0].subsample
+    values = _seed_values(runs, metric)
+    mean_name = "Mean (targets)" if source in datasets else "Mean"
+    header = ["Method"] + [f"{d} (source)" if d == source else d for d in datasets] + [mean_name]
+    table = Table(title, "", header, [], headline_label=f"{metric} (%), {mean_name.lower()} ({title})")
+    for v in variants:
+        cells = {d: seed_cell(values.get(GroupKey(proto, split, v.method, v.backbone, v.shots,
+                                                  d, sub), {}), seeds, ddof) for d in datasets}
+        mean = average_cells([cells[d] for d in targets]) if targets else Cell(mean=None)
+        table.rows.append([labels[v]] + [cells[d] for d in datasets] + [mean])
+        keyf = {"method": labels[v], "backbone": v.backbone, "shots": v.shots}
+        for d in datasets:
+            table.records.append(_record(title, {"dataset": d, **keyf}, metric, cells[d]))
+        table.records.append(_record(title, {"dataset": mean_name, **keyf}, metric, mean))
+        table.headline[labels[v]] = mean
+    note = f"{mean_name} = mean over {'target ' if source in datasets else ''}datasets. "
+    table.caption = _caption(runs, seeds, ddof, note)
+    return table
+
+
+def _consistency_notes(runs: Sequence[Run], seeds: Sequence[int] | None) -> list[str]:
+    notes = []
+    by_key: dict[GroupKey, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_key[run.key].append(run)
+    for key, group in sorted(by_key.items()):
+        where = f"{key.method}/{key.dataset}/{key.subsample}/{key.shots}-shot"
+        digests = {r.config_digest for r in group if r.config_digest}
+        if len(digests) > 1:
+            notes.append(f"{where}: seeds come from {len(digests)} different configs "
+                         f"(config_digest differs); check {', '.join(str(r.source) for r in group)}")
+        if seeds is not None:
+            extra = sorted({r.seed for r in group if r.seed >= 0 and r.seed not in seeds})
+            if extra:
+                notes.append(f"{where}: seeds {extra} are not in the expected seeds {list(seeds)}; "
+                             f"left out (pass --seeds to include them)")
+    return notes
+
+
+def dedupe_runs(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+    """One run per (group, seed): a results file beats a log, then the newest file wins."""
+    chosen: dict[tuple[GroupKey, int], Run] = {}
+    notes = []
+    for run in runs:
+        slot = (run.key, run.seed)
+        other = chosen.get(slot)
+        if other is None:
+            chosen[slot] = run
+            continue
+        rank = lambda r: (r.origin == "results", r.source.stat().st_mtime, str(r.source))
+        keep, drop = (run, other) if rank(run) > rank(other) else (other, run)
+        chosen[slot] = keep
+        if keep.metrics.get("accuracy") != drop.metrics.get("accuracy"):
+            notes.append(f"two results for {run.key.method}/{run.key.dataset}/"
+                         f"{run.key.subsample} seed {run.seed}: using {keep.source}, "
+                         f"not {drop.source}")
+    return list(chosen.values()), notes
+
+
+def build_tables(
+    runs: Sequence[Run],
+    seeds: Sequence[int] | None = DEFAULT_SEEDS,
+    ddof: int = 0,
+    ece: bool = False,
+    source: str | None = None,
+    methods: Sequence[str] | None = None,
+) -> tuple[list[Table], list[str]]:
+    """Tables for every (protocol, split) found, and notes about the data.
+
+    Args:
+        runs: from :func:`collect_runs`.
+        seeds: expected seeds (missing ones are flagged); ``None`` = whatever was found.
+        ddof: 0 for population std (default, as CoOp), 1 for sample std.
+        ece: add ECE (base-to-new: two columns; other protocols: a second table).
+        source: the source dataset of cross-dataset/DG tables: shown first, not averaged.
+        methods: keep only these methods, in this order.
+    """
+    runs, notes = dedupe_runs(runs)
+    if methods:
+        absent = [m for m in methods if m not in {r.method for r in runs}]
+        notes += [f"method {m!r} requested but not found" for m in absent]
+        runs = [r for r in runs if r.method in methods]
+        rank = lambda m: (list(methods).index(m), m)  # noqa: E731  (requested order)
+    else:
+        rank = _method_rank
+    notes += _consistency_notes(runs, seeds)
+    tables: list[Table] = []
+    parts: dict[tuple[str, str, bool], list[Run]] = defaultdict(list)
+    for run in runs:
+        parts[(run.protocol, run.split, run.subsample in ("base", "new"))].append(run)
+    order = sorted(parts, key=lambda p: (_PROTOCOL_ORDER.index(p[0]) if p[0] in _PROTOCOL_ORDER
+                                         else len(_PROTOCOL_ORDER), p))
+    for protocol, split, is_b2n in order:
+        group = parts[(protocol, split, is_b2n)]
+        title = (protocol or ("base2new" if is_b2n else "accuracy")) + (
+            f" ({split} split)" if split != "test" else "")
+        if is_b2n:
+            tables.append(_base2new_table(title, group, seeds, ddof, ece, rank))
+        else:
+            tables.append(_accuracy_table(title, group, seeds, ddof, "accuracy", source, rank))
+            if ece:
+                tables.append(_accuracy_table(f"{title}, ECE", group, seeds, ddof, "ece", source,
+                                              rank))
+    return tables, notes
+
+
+# --------------------------------------------------------------------------- rendering
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "\\": r"\textbackslash{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def _latex(table: Table, decimals: int, show_std: bool) -> str:
+    cols = "l" * sum(isinstance(c, str) for c in table.rows[0]) if table.rows else "l"
+    cols += "c" * (len(table.header) - len(cols))
+    lines = [r"\begin{table}[t]", r"\centering",
+             r"\caption{" + _latex_escape(table.title) + ". " +
+             _latex_escape(table.caption).replace("±", r"$\pm$").replace(MISSING, "--") + "}",
+             r"\begin{tabular}{" + cols + "}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in table.header) + r" \\", r"\midrule"]
+    for row in table.rows:
+        if row and row[0] in ("Average",) and table.header[0] == "Dataset":
+            lines.append(r"\midrule")
+        lines.append(" & ".join(c.text(decimals, show_std, latex=True) if isinstance(c, Cell)
+                                else _latex_escape(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def _csv(tables: Sequence[Table]) -> str:
+    records = [r for t in tables for r in t.records]
+    if not records:
+        return ""
+    fields = list(dict.fromkeys(k for r in records for k in r))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return out.getvalue()
+
+
+def render(tables: Sequence[Table], fmt: str = "terminal", decimals: int = 2,
+           show_std: bool = True) -> str:
+    """Tables as text. ``csv`` is one tidy file (a row per cell with numeric mean/std/seeds)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    if fmt == "csv":
+        return _csv(tables)
+    chunks = []
+    for table in tables:
+        if fmt == "latex":
+            chunks.append(_latex(table, decimals, show_std))
+            continue
+        rows = [[c.text(decimals, show_std) if isinstance(c, Cell) else c for c in row]
+                for row in table.rows]
+        if fmt == "markdown":
+            body = tabulate(rows, table.header, tablefmt="github", disable_numparse=True)
+            chunks.append(f"### {table.title}\n\n{body}\n\n{table.caption}")
+        else:
+            body = tabulate(rows, table.header, tablefmt="simple", disable_numparse=True)
+            caption = textwrap.fill(table.caption, width=max(80, len(body.splitlines()[0])))
+            chunks.append(f"== {table.title} ==\n{body}\n{caption}")
+    return "\n\n".join(chunks) + "\n"
