@@ -34,6 +34,8 @@ class ClipTrainer(TrainerX):
     """Base of the CLIP trainers; ``CFG_NODE`` names the ``TRAINER.<NODE>`` config sub-node."""
 
     CFG_NODE = "COOP"
+    # What PREC "auto" means on CUDA: CoOp's fp16 weights; TPT uses "amp" (fp32 + autocast).
+    AUTO_CUDA_PRECISION = "fp16"
 
     @property
     def node(self) -> Any:
@@ -66,7 +68,10 @@ class ClipTrainer(TrainerX):
     def load_clip_model(self) -> nn.Module:
         """Load the configured CLIP backbone on CPU in the precision the device supports."""
         cfg = self.cfg
-        self.precision = resolve_precision(self.node.PREC, self.device)
+        prec = self.node.PREC
+        if prec == "auto" and self.device.type == "cuda":
+            prec = self.AUTO_CUDA_PRECISION
+        self.precision = resolve_precision(prec, self.device)
         name = cfg.MODEL.BACKBONE.NAME
         print(f"Loading CLIP (backbone: {name}, precision: {self.precision})")
         clip_model = load_clip(name, cfg.MODEL.BACKBONE.PATH, device="cpu", precision=self.precision)
@@ -113,6 +118,10 @@ class ClipTrainer(TrainerX):
     def prepare_for_test(self) -> None:
         """Hook run before the evaluation loop, with gradients enabled (e.g. adaptation)."""
 
+    def progress_postfix(self) -> dict[str, str]:
+        """Extra fields for the evaluation progress bar, beside the running accuracy."""
+        return {}
+
     def test(self, split: str | None = None) -> float:
         """Dassl's evaluation loop, plus ECE; keeps the full metrics in ``self.test_result``."""
         self.set_model_mode("eval")
@@ -125,8 +134,10 @@ class ClipTrainer(TrainerX):
         self.prepare_for_test()
         print(f"Evaluate on the *{split}* set")
         confidences, hits = [], []
+        n_correct = n_seen = 0
         with torch.no_grad():
-            for batch in tqdm(data_loader, desc=f"eval {split}", dynamic_ncols=True):
+            bar = tqdm(data_loader, desc=f"eval {split}", dynamic_ncols=True)
+            for batch in bar:
                 images, labels = self.parse_batch_test(batch)
                 logits = self.model_inference(images)
                 self.evaluator.process(logits, labels)
@@ -134,6 +145,10 @@ class ClipTrainer(TrainerX):
                 conf, pred = probs.max(dim=-1)
                 confidences.append(conf.cpu())
                 hits.append((pred == labels).cpu())
+                n_correct += int(hits[-1].sum())
+                n_seen += hits[-1].numel()
+                bar.set_postfix(acc=f"{100.0 * n_correct / n_seen:.1f}%", **self.progress_postfix(),
+                                refresh=False)
         metrics = OrderedDict(self.evaluator.evaluate())
         ece = expected_calibration_error(torch.cat(confidences), torch.cat(hits),
                                          n_bins=self.cfg.TEST.ECE_BINS)

@@ -122,3 +122,27 @@ def tiny_cfg(root: Path, clip_path: Path, trainer: str = "CoOp", opts: tuple = (
     cfg = extend_cfg(get_cfg_default())
     cfg.merge_from_list(tiny_opts(root, clip_path, trainer) + list(opts))
     return cfg
+
+
+class ListLoader(list):
+    """A list of batches that ``ClipTrainer.test()`` accepts in place of a DataLoader."""
+
+    @property
+    def dataset(self):
+        return [None] * sum(len(batch["label"]) for batch in self)
+
+
+def exact_calibration_batch():
+    """(logits, labels, ECE%): top softmax probabilities exactly 0.25, 0.75 x3, 0.5 (4 classes).
+
+    With 15 bins, 0.25 is in (3/15, 4/15], 0.5 in (7/15, 8/15], 0.75 in (11/15, 12/15]:
+    ECE = 1/5 |1 - 0.25| + 3/5 |2/3 - 0.75| + 1/5 |0 - 0.5| = 0.15 + 0.05 + 0.10 = 30%.
+    """
+    import math
+
+    quarter = [0.0, 0.0, 0.0, 0.0]  # 1/4 each, argmax 0
+    half = [math.log(3.0), 0.0, 0.0, 0.0]  # 3/6
+    three_quarters = [0.0, math.log(9.0), 0.0, 0.0]  # 9/12, argmax 1
+    logits = torch.tensor([quarter, three_quarters, three_quarters, three_quarters, half])
+    labels = torch.tensor([0, 1, 1, 2, 3])  # right, right, right, wrong, wrong
+    return logits, labels, 30.0

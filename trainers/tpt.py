@@ -5,7 +5,7 @@ then random resized crops + flips, with AugMix for non-ImageNet datasets), keep 
 views whose prediction has the lowest entropy, take one AdamW step (lr 5e-3, torch defaults)
 on the entropy of their averaged prediction, predict the clean view with the tuned prompt,
 and reset the prompt and the optimiser state before the next image (azshue/TPT,
-``tpt_classification.py``; see ``docs`` / ``reference/anchors.md`` section 3).
+``tpt_classification.py``, ``test_time_tuning``).
 
 TPT+CoOp is the same trainer started from a trained CoOp prompt: ``--model-dir`` (and
 ``--load-epoch``) load ``prompt_learner/model.pth.tar-<epoch>``, whose context must have as
@@ -18,9 +18,7 @@ on CPU everything is fp32.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
-from typing import Any
 
 import torch
 
@@ -100,6 +98,7 @@ class TPT(ClipTrainer):
         self.optim_state = copy.deepcopy(self.optim.state_dict())
         self.scaler = torch.amp.GradScaler("cuda", init_scale=1000) if self.precision == "amp" else None
         self.prompt_init = f'CTX_INIT "{node.CTX_INIT}"' if node.CTX_INIT else f"random ({node.N_CTX} tokens)"
+        self.result_extra: dict = {}
         self.capture_initial_prompt()
 
     def capture_initial_prompt(self) -> None:
@@ -136,11 +135,20 @@ class TPT(ClipTrainer):
 
     # ------------------------------------------------------------------------ evaluation
     def prepare_for_test(self) -> None:
-        self.image_seconds: list[float] = []
+        self.n_timed, self.seconds_total, self.last_seconds = 0, 0.0, 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         node = self.node
         n_keep = max(1, int(node.N_VIEWS * node.SELECTION_P))
+        self.result_extra = {
+            "tpt_n_views": node.N_VIEWS,
+            "tpt_selected_views": n_keep,
+            "tpt_steps": node.STEPS,
+            "tpt_lr": node.LR,
+            "tpt_augmix": use_augmix(node.AUGMIX, self.cfg.DATASET.NAME),
+            "prompt_init": self.prompt_init,
+            "precision": self.precision,
+        }
         print(f"TPT: {node.STEPS} AdamW step(s) of lr {node.LR} per image on the {n_keep} most "
               f"confident of {node.N_VIEWS} views; prompt from {self.prompt_init}")
 
@@ -161,7 +169,7 @@ class TPT(ClipTrainer):
             raise self._memory_error(views) from exc
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.image_seconds.append(time.perf_counter() - start)
+        self._record_time(time.perf_counter() - start)
         return logits
 
     def _tune_and_predict(self, views: torch.Tensor) -> torch.Tensor:
@@ -199,29 +207,22 @@ class TPT(ClipTrainer):
         )
 
     def progress_postfix(self) -> dict[str, str]:
-        times = getattr(self, "image_seconds", None)
-        return {"s/img": f"{times[-1]:.2f}"} if times else {}
+        """Shown beside the running accuracy in the evaluation progress bar."""
+        return {"s/img": f"{self.last_seconds:.2f}"} if getattr(self, "n_timed", 0) else {}
 
-    @property
-    def result_extra(self) -> dict[str, Any]:
-        """Written into the results file's ``extra``: TPT's settings and per-image time."""
-        node = self.node
-        times = getattr(self, "image_seconds", [])
-        extra: dict[str, Any] = {
-            "tpt_n_views": node.N_VIEWS,
-            "tpt_selected_views": max(1, int(node.N_VIEWS * node.SELECTION_P)),
-            "tpt_steps": node.STEPS,
-            "tpt_lr": node.LR,
-            "tpt_augmix": use_augmix(node.AUGMIX, self.cfg.DATASET.NAME),
-            "prompt_init": getattr(self, "prompt_init", ""),
-            "precision": self.precision,
-        }
-        if times:
-            # adaptation + prediction of one image, excluding data loading (TPT's "Time" includes it)
-            extra["seconds_per_image"] = statistics.fmean(times)
-            extra["seconds_per_image_median"] = statistics.median(times)
-            extra["images_per_second"] = len(times) / sum(times) if sum(times) > 0 else None
-            extra["adaptation_seconds_total"] = sum(times)
+    def _record_time(self, seconds: float) -> None:
+        """Per-image time into ``result_extra`` (the results file's "extra"), kept current."""
+        self.n_timed += 1
+        self.seconds_total += seconds
+        self.last_seconds = seconds
+        if self.n_timed == 1:
+            self.seconds_first = seconds
+        extra = self.result_extra
+        # adaptation + prediction of one image, excluding data loading (TPT's "Time" includes it)
+        extra["seconds_per_image"] = self.seconds_total / self.n_timed
+        extra["adaptation_seconds_total"] = self.seconds_total
+        extra["images_per_second"] = self.n_timed / self.seconds_total if self.seconds_total > 0 else None
+        if self.n_timed > 1:  # without the first image's warm-up (allocations, cuDNN autotuning)
+            extra["seconds_per_image_after_first"] = (self.seconds_total - self.seconds_first) / (self.n_timed - 1)
         if self.device.type == "cuda":
             extra["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        return extra
