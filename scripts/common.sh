@@ -1,0 +1,41 @@
+# Shared by scripts/<method>/<protocol>.sh: settings from the environment, defaults, the sweep
+# and the closing table. Sourced, not run.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+PY="${PYTHON:-python}"
+
+usage() {
+  cat <<USAGE
+Usage: [VAR=value ...] bash scripts/${METHOD_DIR}/${PROTOCOL}.sh [KEY VALUE ...]
+
+Runs the ${PROTOCOL} protocol for ${TRAINER} over seeds (and shots), skipping finished runs and
+resuming interrupted ones, then prints the table of every method found under \$OUTPUT/${PROTOCOL}.
+Trailing KEY VALUE pairs are passed to train.py as config options.
+
+Environment (defaults in brackets):
+  DATA      dataset root as prepared for CoOp (see DATASETS.md)
+            [unset: the built-in CPU benchmark, generated on first use]
+  DATASETS  dataset config stems under configs/datasets [the protocol's datasets]
+  SOURCE    source dataset for xd/dg (and optional for base2new) [imagenet, or the benchmark's]
+  SEEDS     [1 2 3]      SHOTS [16; fewshot: 1 2 4 8 16]
+  BACKBONE  override MODEL.BACKBONE.NAME [the config's]
+  CFG       config stem under configs/trainers/${TRAINER}/ [${PAPER_CFG} with DATA, ${BENCH_CFG} without]
+  OUTPUT    output root [output]
+  JOBS      runs at once, round-robin over CUDA_VISIBLE_DEVICES when GPUs exist [1]
+USAGE
+}
+
+run_protocol() {
+  case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+  if [ -z "${DATA:-}" ]; then CFG="${CFG:-$BENCH_CFG}"; else CFG="${CFG:-$PAPER_CFG}"; fi
+  local output="${OUTPUT:-output}"
+  local status=0
+  # shellcheck disable=SC2086
+  "$PY" -m selftpt.sweep "$PROTOCOL" --trainer "$TRAINER" --cfg "$CFG" --data "${DATA:-}" \
+    ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
+    ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-1}" ${BACKBONE:+--backbone "$BACKBONE"} \
+    "$@" || status=$?
+  "$PY" parse_results.py "$output/$PROTOCOL" --seeds ${SEEDS:-1 2 3} || true
+  return $status
+}

@@ -1,0 +1,255 @@
+"""Protocol sweeps behind ``scripts/<method>/*.sh``: seeds x datasets (x shots) as train.py runs.
+
+Protocols (output layout as CoOp/PromptSRC, so existing habits and parsers carry over):
+
+- ``base2new``: train on the base classes of each dataset, test on base (the training run's
+  own evaluation) and on new (a separate eval-only run that never reuses the training
+  folder) — ``OUT/base2new/{train_base,test_new}/<ds>/shots_<K>/<Trainer>/<cfg>/seed<S>``.
+  With ``--source``: train once on the source, then test base and new of each dataset.
+- ``xd``: train once on the source, test on every target —
+  ``OUT/xd/{train,test}/<ds>/shots_<K>/<Trainer>/<cfg>/seed<S>``.
+- ``dg``: as ``xd``, with the source's shifted variants as targets (``OUT/dg/...``).
+- ``fewshot``: train and test on each dataset for each shot count —
+  ``OUT/fewshot/<ds>/shots_<K>/<Trainer>/<cfg>/seed<S>``.
+
+A run whose folder holds ``results.json`` is skipped; a folder without it is resumed by
+train.py; trainers that train nothing (ZeroshotCLIP, TPT) are evaluated directly. Runs of
+one (dataset, seed) chain execute in order; chains run in parallel up to ``--jobs``, each
+worker pinned round-robin to one of ``CUDA_VISIBLE_DEVICES`` when GPUs exist.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selftpt.results import RESULTS_FILENAME
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOLS = ("base2new", "xd", "dg", "fewshot")
+TRAINING_FREE = ("ZeroshotCLIP", "TPT")  # evaluated directly, nothing to train
+
+# The paper's datasets (CoOp config stems): (source, targets) per protocol.
+PAPER_ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+PAPER_DEFAULTS = {
+    "base2new": ("", PAPER_ELEVEN),
+    "fewshot": ("", PAPER_ELEVEN),
+    "xd": ("imagenet", PAPER_ELEVEN[1:]),
+    "dg": ("imagenet", ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")),
+}
+# Protocol names of selftpt.benchmark.protocols for ours; few-shot uses base-to-new's datasets.
+BENCHMARK_NAMES = {"base2new": "base2new", "fewshot": "base2new", "xd": "cross_dataset",
+                   "dg": "domain_generalization"}
+
+
+def default_datasets(protocol: str, data: str) -> tuple[str, list[str]]:
+    """(source, targets) config stems: the paper's with a ``$DATA`` root, else the benchmark's."""
+    if data:
+        source, targets = PAPER_DEFAULTS[protocol]
+        return source, list(targets)
+    from selftpt.benchmark.protocols import CONFIG_STEMS, PROTOCOLS as BENCH
+    bench = BENCH[BENCHMARK_NAMES[protocol]]
+    return (CONFIG_STEMS[bench.source] if bench.source else ""), [CONFIG_STEMS[d] for d in bench.targets]
+
+
+@dataclass
+class Run:
+    """One train.py invocation."""
+
+    output_dir: Path
+    dataset: str  # config stem, e.g. oxford_pets
+    opts: list[str] = field(default_factory=list)
+    eval_only: bool = False
+    model_dir: Path | None = None
+
+    @property
+    def finished(self) -> bool:
+        return (self.output_dir / RESULTS_FILENAME).is_file()
+
+
+@dataclass
+class Sweep:
+    """The settings shared by every run of one protocol sweep."""
+
+    protocol: str
+    trainer: str
+    cfg: str
+    data: str
+    datasets: list[str]
+    seeds: list[int]
+    shots: list[int]
+    output: Path
+    source: str = ""
+    backbone: str = ""
+    extra_opts: list[str] = field(default_factory=list)
+
+    @property
+    def trains(self) -> bool:
+        return self.trainer not in TRAINING_FREE
+
+    def folder(self, *parts: str, dataset: str, shots: int, seed: int) -> Path:
+        return self.output.joinpath(self.protocol, *parts, dataset, f"shots_{shots}", self.trainer,
+                                    self.cfg, f"seed{seed}")
+
+    def chains(self) -> list[list[Run]]:
+        """Lists of runs; each list runs in order, lists run in parallel."""
+        chains = []
+        for seed in self.seeds:
+            for shots in self.shots:
+                chains += self._chains_for(seed, shots)
+        return chains
+
+    def _chains_for(self, seed: int, shots: int) -> list[list[Run]]:
+        fewshot = ["DATASET.NUM_SHOTS", str(shots)]
+        if self.protocol == "fewshot":
+            return [[self._run(self.folder(dataset=d, shots=shots, seed=seed), d, seed, fewshot,
+                               eval_only=not self.trains)] for d in self.datasets]
+        if self.protocol == "base2new" and not self.source:
+            chains = []
+            for d in self.datasets:
+                base = ["DATASET.SUBSAMPLE_CLASSES", "base"]
+                new = ["DATASET.SUBSAMPLE_CLASSES", "new"]
+                if self.trains:
+                    train = self._run(self.folder("train_base", dataset=d, shots=shots, seed=seed), d, seed,
+                                      fewshot + base)
+                    test = self._run(self.folder("test_new", dataset=d, shots=shots, seed=seed), d, seed,
+                                     fewshot + new, eval_only=True, model_dir=train.output_dir)
+                    chains.append([train, test])
+                else:
+                    chains.append([self._run(self.folder(f"test_{sub}", dataset=d, shots=shots, seed=seed), d,
+                                             seed, fewshot + ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True)
+                                   for sub in ("base", "new")])
+            return chains
+        # one source training, then eval-only on each target (xd, dg, base2new with --source)
+        if not self.source:
+            raise SystemExit(f"error: protocol {self.protocol} needs a source dataset (--source / SOURCE)")
+        chain: list[Run] = []
+        model_dir = None
+        if self.trains:
+            train = self._run(self.folder("train", dataset=self.source, shots=shots, seed=seed), self.source,
+                              seed, fewshot)
+            chain.append(train)
+            model_dir = train.output_dir
+        subsets = ("base", "new") if self.protocol == "base2new" else ("all",)
+        for d in self.datasets:
+            for sub in subsets:
+                where = "test" if sub == "all" else f"test_{sub}"
+                chain.append(self._run(self.folder(where, dataset=d, shots=shots, seed=seed), d, seed,
+                                       ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True, model_dir=model_dir))
+        return [chain]
+
+    def _run(self, folder: Path, dataset: str, seed: int, opts: list[str], eval_only: bool = False,
+             model_dir: Path | None = None) -> Run:
+        return Run(folder, dataset, opts + ["SEED", str(seed)], eval_only, model_dir)
+
+    def command(self, run: Run) -> list[str]:
+        cmd = [sys.executable, str(REPO / "train.py"), "--trainer", self.trainer,
+               "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{run.dataset}.yaml"),
+               "--config-file", str(REPO / "configs" / "trainers" / self.trainer / f"{self.cfg}.yaml"),
+               "--output-dir", str(run.output_dir)]
+        if self.data:
+            cmd += ["--root", self.data]
+        if self.backbone:
+            cmd += ["--backbone", self.backbone]
+        if run.eval_only:
+            cmd += ["--eval-only"]
+            if run.model_dir is not None:
+                cmd += ["--model-dir", str(run.model_dir)]
+        return cmd + run.opts + self.extra_opts
+
+
+def _run_chain(sweep: Sweep, chain: list[Run], device: str | None) -> list[tuple[Run, str]]:
+    env = dict(os.environ)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    outcome = []
+    for run in chain:
+        if run.finished:
+            outcome.append((run, "skipped (finished)"))
+            continue
+        state = "resumed" if run.output_dir.exists() else "ran"
+        proc = subprocess.run(sweep.command(run), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+            outcome.append((run, f"FAILED: {last}"))
+            break  # later runs of the chain need this one
+        outcome.append((run, state))
+    return outcome
+
+
+def visible_devices() -> list[str]:
+    """GPU ids to round-robin over: CUDA_VISIBLE_DEVICES, else every GPU torch sees, else none."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def execute(sweep: Sweep, jobs: int = 1) -> bool:
+    """Run every chain (up to ``jobs`` at once); print one line per run; True if all succeeded."""
+    chains = sweep.chains()
+    devices = visible_devices()
+    total = sum(len(c) for c in chains)
+    print(f"{sweep.protocol}: {sweep.trainer}/{sweep.cfg}, {total} runs in {len(chains)} chains, "
+          f"{jobs} at a time{f' on GPUs {devices}' if devices else ' on CPU'}", flush=True)
+    ok = True
+    done = 0
+    with futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        pending = [pool.submit(_run_chain, sweep, chain, devices[i % len(devices)] if devices else None)
+                   for i, chain in enumerate(chains)]
+        for future in futures.as_completed(pending):
+            for run, state in future.result():
+                done += 1
+                ok &= not state.startswith("FAILED")
+                print(f"[{done}/{total}] {state}: {run.output_dir.relative_to(sweep.output)}", flush=True)
+    return ok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run a protocol sweep of train.py runs and skip finished ones.")
+    p.add_argument("protocol", choices=PROTOCOLS)
+    p.add_argument("--trainer", required=True)
+    p.add_argument("--cfg", required=True, help="config stem under configs/trainers/<trainer>/")
+    p.add_argument("--data", default="", help="dataset root ($DATA); empty = the built-in benchmark")
+    p.add_argument("--datasets", nargs="+", help="dataset config stems [the protocol's, see default_datasets]")
+    p.add_argument("--source", default=None,
+                   help="source dataset stem (xd, dg; optional for base2new) [the protocol's]")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--shots", nargs="+", type=int, help="[16; fewshot: 1 2 4 8 16]")
+    p.add_argument("--backbone", default="")
+    p.add_argument("--output", default="output")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    source, targets = default_datasets(args.protocol, args.data)
+    args.source = source if args.source is None else args.source
+    args.datasets = args.datasets or targets
+    args.shots = args.shots or ([1, 2, 4, 8, 16] if args.protocol == "fewshot" else [16])
+    for stem in [*args.datasets, *([args.source] if args.source else [])]:
+        if not (REPO / "configs" / "datasets" / f"{stem}.yaml").is_file():
+            known = sorted(p.stem for p in (REPO / "configs" / "datasets").glob("*.yaml"))
+            print(f"error: no dataset config configs/datasets/{stem}.yaml (known: {', '.join(known)})", file=sys.stderr)
+            return 2
+    cfg_file = REPO / "configs" / "trainers" / args.trainer / f"{args.cfg}.yaml"
+    if not cfg_file.is_file():
+        known = sorted(p.stem for p in cfg_file.parent.glob("*.yaml")) if cfg_file.parent.is_dir() else []
+        print(f"error: no config {cfg_file.relative_to(REPO)} (known for {args.trainer}: {', '.join(known) or 'none'})",
+              file=sys.stderr)
+        return 2
+    sweep = Sweep(args.protocol, args.trainer, args.cfg, args.data, args.datasets, args.seeds, args.shots,
+                  Path(args.output).resolve(), args.source, args.backbone, list(args.opts or []))
+    return 0 if execute(sweep, args.jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
