@@ -26,7 +26,7 @@ import warnings
 from collections import defaultdict
 from typing import Any, Iterable, Optional, Sequence
 
-from selftpt.errors import UserError
+from selftpt.errors import DatasetError  # noqa: F401  (re-exported for the datasets)
 from selftpt.toolbox import Datum, DatasetBase, listdir_nohidden
 
 __all__ = [
@@ -52,25 +52,6 @@ __all__ = [
 
 SubsampleChoice = str  # "all" | "base" | "new"
 CACHE_FORMAT = "selftpt-cache-v1"  # marks our relative-path caches (vs CoOp's pickled Datums)
-
-
-class DatasetError(UserError, ValueError):
-    """A problem with a dataset on disk, as one line: ``<dataset>: <problem>: <path>. Fix: <fix>``.
-
-    Args:
-        dataset: registry name of the dataset (e.g. ``"OxfordPets"``).
-        problem: what is wrong, e.g. ``"split file not found"``.
-        path: the file or folder concerned.
-        fix: what the user should do.
-    """
-
-    def __init__(self, dataset: str, problem: str, path: str, fix: str):
-        self.dataset, self.problem, self.path, self.fix = dataset, problem, path, fix
-        message = f"{dataset}: {problem}: {path}. Fix: {fix}"
-        super().__init__(" ".join(message.splitlines()))  # one line whatever the parts hold
-
-    def __reduce__(self):  # keep picklable (DataLoader workers) despite the custom __init__
-        return (type(self), (self.dataset, self.problem, self.path, self.fix))
 
 
 # ----------------------------------------------------------------------------- files

@@ -5,17 +5,37 @@ that the same code runs on a real Dassl install (``pip install -e Dassl.pytorch`
 where Dassl is absent, on the project's own Dassl-compatible engine (``selftpt.engine``).
 
 Backend choice: the environment variable ``SELFTPT_BACKEND`` = ``auto`` (default: real
-Dassl when importable, else the engine), ``dassl`` (require real Dassl) or ``engine``.
+Dassl when it imports, else the engine, with a warning if Dassl is installed but broken),
+``dassl`` (require real Dassl) or ``engine``.
 
-Compatibility fixes applied on the real-Dassl path (the user's install is never edited):
+Compatibility fixes applied on the real-Dassl path (the user's install is never edited;
+``docs/real_dassl.md`` lists them with the symptoms they prevent):
 - ``build_lr_scheduler`` is the engine's: Dassl 0.6.3's warm-up schedulers pass ``verbose``
   positionally to ``torch.optim.lr_scheduler.LRScheduler.__init__`` and crash with torch
   >= 2.2. The engine's version has Dassl's keys and per-epoch semantics.
+- ``setup_logger`` is the engine's: Dassl's ``Logger.close()`` (also run from ``__del__``
+  when the tee is garbage-collected) closes the console it wraps, i.e. the real
+  ``sys.stdout`` (or pytest's capture), so a second run in one process, or anything printed
+  after the log is closed, fails with "I/O operation on closed file". Dassl's tee also leaves
+  ``stderr`` (tracebacks, warnings) out of ``log.txt``. Same file naming as Dassl's.
+- Checkpoint I/O is the engine's (``save_checkpoint``, ``load_checkpoint``,
+  ``resume_from_checkpoint``, ``load_pretrained_weights``, and the trainers' ``save_model``,
+  ``resume_model_if_exist``, ``load_model``), same files and keys as Dassl's:
+  * Dassl's ``load_checkpoint`` calls ``torch.load`` with torch >= 2.6's default
+    ``weights_only=True``, which refuses the checkpoints Dassl itself writes with a warm-up
+    scheduler (they pickle the successor scheduler object), e.g. CoOp's released weights;
+  * Dassl's checkpoints carry no RNG state, so a resumed run drew other random crops and
+    batch orders than an uninterrupted one; the engine's add ``rng_state`` (ignored by Dassl);
+  * Dassl's ``load_model`` crashes with ``TypeError`` when ``val_result`` is None (Dassl #56),
+    and its ``resume_model_if_exist`` crashes on a model folder that has no ``checkpoint``
+    file yet; its ``save_checkpoint`` is not atomic (an interrupt can leave a torn file).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import warnings
 
 _CHOICES = ("auto", "dassl", "engine")
 _requested = os.environ.get("SELFTPT_BACKEND", "auto").strip().lower() or "auto"
@@ -23,16 +43,38 @@ if _requested not in _CHOICES:
     raise ValueError(
         f"SELFTPT_BACKEND={_requested!r} is not one of {_CHOICES}; unset it or pick one of these"
     )
-if _requested == "dassl" and importlib.util.find_spec("dassl") is None:
-    raise ImportError(
-        "SELFTPT_BACKEND=dassl but the 'dassl' package is not importable; install Dassl "
-        "(git clone https://github.com/KaiyangZhou/Dassl.pytorch && pip install -e Dassl.pytorch) "
-        "or unset SELFTPT_BACKEND to use the built-in engine"
-    )
+_INSTALL_HINT = ("install Dassl and its requirements (git clone https://github.com/KaiyangZhou/Dassl.pytorch "
+                 "&& pip install -r Dassl.pytorch/requirements.txt && pip install -e Dassl.pytorch; "
+                 "see docs/real_dassl.md)")
 
-USING_DASSL: bool = _requested == "dassl" or (
-    _requested == "auto" and importlib.util.find_spec("dassl") is not None
-)
+
+def _dassl_import_error() -> ImportError | None:
+    """Why ``dassl`` cannot be used (not installed, or one of its imports fails), or None.
+
+    ``dassl.engine`` pulls in the whole package (config, data with ``wilds``, evaluation with
+    ``sklearn``, tensorboard), so a partial install is caught here rather than mid-import.
+    """
+    if importlib.util.find_spec("dassl") is None:
+        return ImportError("the 'dassl' package is not installed")
+    try:
+        importlib.import_module("dassl.engine")
+    except ImportError as exc:
+        return exc
+    return None
+
+
+_dassl_error = None if _requested == "engine" else _dassl_import_error()
+if _requested == "dassl" and _dassl_error is not None:
+    raise ImportError(
+        f"SELFTPT_BACKEND=dassl but Dassl cannot be imported ({_dassl_error}); {_INSTALL_HINT}, "
+        "or unset SELFTPT_BACKEND to use the built-in engine"
+    ) from _dassl_error
+if _requested == "auto" and _dassl_error is not None and importlib.util.find_spec("dassl") is not None:
+    warnings.warn(f"Dassl is installed but cannot be imported ({_dassl_error}); using the built-in "
+                  f"engine instead. To use Dassl, {_INSTALL_HINT}; to silence this, set "
+                  "SELFTPT_BACKEND=engine", stacklevel=2)
+
+USING_DASSL: bool = _requested != "engine" and _dassl_error is None
 
 if USING_DASSL:
     from dassl.config import get_cfg_default
@@ -40,7 +82,9 @@ if USING_DASSL:
     from dassl.data.data_manager import build_data_loader
     from dassl.data.datasets import DATASET_REGISTRY, DatasetBase, Datum, build_dataset
     from dassl.data.transforms import build_transform
-    from dassl.engine import TRAINER_REGISTRY, SimpleTrainer, TrainerX, build_trainer
+    from dassl.engine import TRAINER_REGISTRY, build_trainer
+    from dassl.engine import SimpleTrainer as _DasslSimpleTrainer
+    from dassl.engine import TrainerX as _DasslTrainerX
     from dassl.evaluation import EVALUATOR_REGISTRY, build_evaluator
     from dassl.metrics import compute_accuracy
     from dassl.optim import build_optimizer
@@ -53,19 +97,42 @@ if USING_DASSL:
         collect_env_info,
         count_num_param,
         listdir_nohidden,
-        load_checkpoint,
-        load_pretrained_weights,
         mkdir_if_missing,
         read_image,
         read_json,
-        resume_from_checkpoint,
-        save_checkpoint,
         set_random_seed,
-        setup_logger,
         write_json,
     )
 
-    from selftpt.engine.optim import build_lr_scheduler  # see module docstring
+    # Project-side replacements for Dassl names that misbehave; see the module docstring.
+    from selftpt.engine.checkpoint import (
+        load_checkpoint,
+        load_pretrained_weights,
+        resume_from_checkpoint,
+        save_checkpoint,
+    )
+    from selftpt.engine.logger import setup_logger
+    from selftpt.engine.optim import build_lr_scheduler
+    from selftpt.engine.trainer import TrainerBase as _EngineTrainerBase
+
+    class _EngineCheckpoints:
+        """The engine's checkpoint methods, put before Dassl's in the trainers' MRO.
+
+        They use the same attributes as Dassl's (``_models``, ``_optims``, ``_scheds``) and
+        write the same files; see the module docstring for what they fix.
+        """
+
+        save_model = _EngineTrainerBase.save_model
+        resume_model_if_exist = _EngineTrainerBase.resume_model_if_exist
+        load_model = _EngineTrainerBase.load_model
+        _describe_checkpoint = staticmethod(_EngineTrainerBase._describe_checkpoint)
+
+    class SimpleTrainer(_EngineCheckpoints, _DasslSimpleTrainer):
+        """Dassl's ``SimpleTrainer`` with the engine's checkpoint I/O."""
+
+    class TrainerX(_EngineCheckpoints, _DasslTrainerX):
+        """Dassl's ``TrainerX`` with the engine's checkpoint I/O."""
+
 else:
     from selftpt.engine import (  # noqa: F401  (re-exported)
         DATASET_REGISTRY,
