@@ -23,6 +23,7 @@ Environment (defaults in brackets):
   CFG       config stem under configs/trainers/${TRAINER}/ [${PAPER_CFG} with DATA, ${BENCH_CFG} without]
   OUTPUT    output root [output]
   JOBS      runs at once, round-robin over CUDA_VISIBLE_DEVICES when GPUs exist [1]
+  TABLE     print the closing table (1) or not (0) [1]
 USAGE
 }
 
@@ -36,6 +37,9 @@ run_protocol() {
     ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
     ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-1}" ${BACKBONE:+--backbone "$BACKBONE"} \
     "$@" || status=$?
-  "$PY" parse_results.py "$output/$PROTOCOL" --seeds ${SEEDS:-1 2 3} || true
+  if [ "${TABLE:-1}" = 1 ]; then
+    # shellcheck disable=SC2086
+    "$PY" parse_results.py "$output/$PROTOCOL" --seeds ${SEEDS:-1 2 3} || true
+  fi
   return $status
 }

@@ -55,11 +55,17 @@ CLIP_ARCHS: dict[str, dict[str, Any]] = {
     "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
                            vision_patch_size=14, context_length=77, vocab_size=49408,
                            transformer_width=768, transformer_heads=12, transformer_layers=12),
+    # The built-in benchmark's tiny CLIP (selftpt/benchmark/pretrain.py): a ModifiedResNet of
+    # one bottleneck per stage on 32 px images (tiny ViTs learnt shape far slower on 2 cores);
+    # text width a multiple of 64 because build_model infers heads as width // 64.
+    "Bench-RN-T": dict(embed_dim=128, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=16,
+                       vision_patch_size=None, context_length=32, vocab_size=49408,
+                       transformer_width=128, transformer_heads=2, transformer_layers=3),
 }
 
 # Built-in backbones: name -> file under selftpt/assets (a state_dict made by the
-# project's own pretraining script, see selftpt/benchmark). Registered by that module.
-BUILTIN_BACKBONES: dict[str, str] = {}
+# project's own pretraining script, see selftpt/benchmark/pretrain.py).
+BUILTIN_BACKBONES: dict[str, str] = {"Bench-RN-T": "bench_rn_tiny.pt"}
 
 
 class BackboneError(UserError, ValueError):

@@ -78,4 +78,5 @@ def extend_cfg(cfg: CN) -> CN:
     s.AUGMIX = "auto"  # as TRAINER.TPT.AUGMIX
 
     cfg.TEST.ECE_BINS = 15  # expected calibration error bins
+    cfg.TEST.FEATURE_CACHE = ""  # folder of cached test image features (selftpt/feature_cache.py); "" = off
     return cfg

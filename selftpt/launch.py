@@ -179,7 +179,9 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
         return {}  # TEST.NO_TEST: nothing was evaluated
     result = trainer.test_result
     record = make_record(cfg, result["metrics"], result["num_images"],
-                         extra={"split_evaluated": result["split"], **getattr(trainer, "result_extra", {})})
+                         extra={"split_evaluated": result["split"],
+                                "skipped_images": result.get("skipped_images", []),
+                                **getattr(trainer, "result_extra", {})})
     path = write_results(cfg.OUTPUT_DIR, record)
     print(f"Results written to {path}")
     return record

@@ -46,7 +46,8 @@ import yaml
 SCHEMA_VERSION = 1
 RESULTS_FILENAME = "results.json"
 # Keys that change between machines or re-runs without changing the experiment.
-VOLATILE_CFG_KEYS: tuple[str, ...] = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "SEED")
+VOLATILE_CFG_KEYS: tuple[str, ...] = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "SEED",
+                                      "TEST.FEATURE_CACHE")  # the cache never changes results
 # Optional config key holding a display name such as "SelfTPT-v" or "CoOp+CPT".
 METHOD_CFG_KEY = "TRAINER.METHOD_NAME"
 SUBSAMPLE_CHOICES = ("all", "base", "new")

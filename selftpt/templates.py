@@ -23,6 +23,14 @@ CUSTOM_TEMPLATES: dict[str, str] = {
     "ImageNetV2": "a photo of a {}.",
     "ImageNetA": "a photo of a {}.",
     "ImageNetR": "a photo of a {}.",
+    "ShapeWorld": "a photo of a {}.",  # built-in benchmark (selftpt/benchmark), issue 3
+    "ShapeWorldSketch": "a photo of a {}.",
+    "ShapeWorldNoisy": "a photo of a {}.",
+    "ShapeWorldPastel": "a photo of a {}.",
+    "ShapeWorldClutter": "a photo of a {}.",
+    "MoreShapes": "a photo of a {}.",
+    "ShapePatterns": "a photo of a {}.",
+    "FashionMNIST": "a photo of a {}, a type of clothing.",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import os.path as osp
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ from selftpt.calibration import expected_calibration_error
 from selftpt.clip_loader import load_clip, resolve_precision
 from selftpt.config import PRECISIONS
 from selftpt.errors import UserError
+from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
+from selftpt.feature_cache import cached_eval_logits
 from selftpt.toolbox import DataManager, TrainerX, load_checkpoint
 
 # Buffers that depend on the class names: rebuilt for the current classes, never loaded.
@@ -56,13 +58,33 @@ class ClipTrainer(TrainerX):
         return None
 
     def build_data_loader(self) -> None:
-        """Dassl's ``SimpleTrainer.build_data_loader`` with ``custom_test_transform``."""
-        dm = DataManager(self.cfg, custom_tfm_test=self.custom_test_transform())
+        """Dassl's ``SimpleTrainer.build_data_loader`` with ``custom_test_transform`` and a
+        wrapper that reports (or, with DATASET.SKIP_CORRUPT_IMAGES, skips) unreadable images."""
+        dm = DataManager(self.cfg, custom_tfm_test=self.custom_test_transform(),
+                         dataset_wrapper=SafeDatasetWrapper)
         self.dm = dm
         self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
         self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
         self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
         self.lab2cname = dm.lab2cname
+
+    def _batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) on the device, without the placeholders of skipped images."""
+        batch = drop_skipped(batch, self.skipped_images)
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def parse_batch_train(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._batch(batch)
+
+    def parse_batch_test(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._batch(batch)
+
+    @property
+    def skipped_images(self) -> set[str]:
+        """Paths of unreadable images skipped so far (DATASET.SKIP_CORRUPT_IMAGES)."""
+        if not hasattr(self, "_skipped_images"):
+            self._skipped_images: set[str] = set()
+        return self._skipped_images
 
     # ----------------------------------------------------------------------------- model
     def load_clip_model(self) -> nn.Module:
@@ -122,6 +144,27 @@ class ClipTrainer(TrainerX):
         """Extra fields for the evaluation progress bar, beside the running accuracy."""
         return {}
 
+    def image_encoder_for_cache(self) -> nn.Module | None:
+        """The frozen image encoder behind ``encode_images``, when ``test`` may reuse cached
+        image features (``TEST.FEATURE_CACHE``); None (default) = not cacheable (the method
+        tunes or augments per image). Trainers that return a module also implement
+        ``encode_images(images) -> features`` (L2-normalised CLIP image features) and
+        ``logits_from_features(features)``; their ``model_inference`` is the composition."""
+        return None
+
+    def eval_logits(self, split: str, data_loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, labels) of each test batch, through the image-feature cache when enabled."""
+        cache_dir = self.cfg.TEST.get("FEATURE_CACHE", "")
+        if cache_dir and self.image_encoder_for_cache() is not None:
+            yield from cached_eval_logits(self, split, data_loader, cache_dir)
+            return
+        if cache_dir:
+            print(f"TEST.FEATURE_CACHE: {type(self).__name__} does not use the cache (its image side "
+                  "is not a fixed encoder pass)")
+        for batch in data_loader:
+            images, labels = self.parse_batch_test(batch)
+            yield self.model_inference(images), labels
+
     def test(self, split: str | None = None) -> float:
         """Dassl's evaluation loop, plus ECE; keeps the full metrics in ``self.test_result``."""
         self.set_model_mode("eval")
@@ -136,10 +179,9 @@ class ClipTrainer(TrainerX):
         confidences, hits = [], []
         n_correct = n_seen = 0
         with torch.no_grad():
-            bar = tqdm(data_loader, desc=f"eval {split}", dynamic_ncols=True)
-            for batch in bar:
-                images, labels = self.parse_batch_test(batch)
-                logits = self.model_inference(images)
+            bar = tqdm(self.eval_logits(split, data_loader), total=len(data_loader), desc=f"eval {split}",
+                       dynamic_ncols=True)
+            for logits, labels in bar:
                 self.evaluator.process(logits, labels)
                 probs = F.softmax(logits.float(), dim=-1)
                 conf, pred = probs.max(dim=-1)
@@ -157,7 +199,11 @@ class ClipTrainer(TrainerX):
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.write_scalar(f"{split}/{key}", value, self.epoch)
-        self.test_result = {"split": split, "metrics": metrics, "num_images": len(data_loader.dataset)}
+        self.test_result = {"split": split, "metrics": metrics, "num_images": n_seen}
+        if self.skipped_images:
+            print(f"Skipped {len(self.skipped_images)} unreadable images (DATASET.SKIP_CORRUPT_IMAGES), "
+                  f"e.g. {sorted(self.skipped_images)[0]}")
+            self.test_result["skipped_images"] = sorted(self.skipped_images)
         return list(metrics.values())[0]
 
     # ----------------------------------------------------------------------- checkpoints

@@ -148,3 +148,26 @@ def test_train_py_entry_point_reports_user_errors_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown trainer 'CoOq'; did you mean 'CoOp'?")
     assert "Traceback" not in proc.stderr
+
+
+def _corrupt_one_test_image(root):
+    victim = sorted((root / "tiny_shapes").rglob("test_0.png"))[0]
+    original = victim.read_bytes()
+    victim.write_bytes(b"not a png")
+    return victim, original
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, tiny_data_root, tiny_clip_path, capsys):
+    victim, original = _corrupt_one_test_image(tiny_data_root)
+    try:
+        opts = tiny_opts(tiny_data_root, tiny_clip_path, "ZeroshotCLIP")
+        code, err = run_cli(["--output-dir", tmp_path / "strict", *opts], capsys)
+        last = err.strip().splitlines()[-1]  # above it: the progress bar of the evaluation
+        assert code == 2 and last.startswith("error: TinyShapes: unreadable image")
+        assert str(victim) in last and "SKIP_CORRUPT_IMAGES" in last and "Traceback" not in err
+        code, _ = run_cli(["--output-dir", tmp_path / "skip", *opts, "DATASET.SKIP_CORRUPT_IMAGES", "True"])
+        assert code == 0
+        rec = results(tmp_path / "skip")
+        assert rec["extra"]["skipped_images"] == [str(victim)] and rec["num_images"] == 23
+    finally:
+        victim.write_bytes(original)

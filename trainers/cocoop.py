@@ -116,5 +116,3 @@ class CoCoOp(ClipTrainer):
             self.update_lr()
         return summary
 
-    def parse_batch_train(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch["img"].to(self.device), batch["label"].to(self.device)

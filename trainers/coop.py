@@ -57,5 +57,25 @@ class CoOp(ClipTrainer):
             self.update_lr()
         return summary
 
-    def parse_batch_train(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    # ------------------------------------------------------------------------ evaluation
+    def prepare_for_test(self) -> None:
+        """The prompt is fixed during evaluation: encode the class prompts once, not per batch."""
+        with torch.no_grad(), self.autocast():
+            chunks = torch.arange(self.model.prompt_learner.n_cls, device=self.device).split(256)
+            self.eval_text_features = torch.cat([self.model.text_features(indices=c) for c in chunks])
+
+    def image_encoder_for_cache(self) -> torch.nn.Module:
+        return self.model.image_encoder
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalised image features."""
+        with self.autocast():
+            return self.model.encode_image(images)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model.logits(features, self.eval_text_features)
+
+    def model_inference(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.encode_images(images))

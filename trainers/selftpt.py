@@ -139,8 +139,6 @@ class SelfTPT(ClipTrainer):
             self.update_lr()
         return summary
 
-    def parse_batch_train(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def after_epoch(self) -> None:
         if self.epoch_grad_cos:
@@ -200,10 +198,23 @@ class SelfTPT(ClipTrainer):
             self.eval_text_features = torch.cat([self.class_text_features(ctx, c) for c in chunks])
         self.result_extra["text_features_seconds"] = time.perf_counter() - start
 
-    def model_inference(self, images: torch.Tensor) -> torch.Tensor:
+    def image_encoder_for_cache(self) -> torch.nn.Module | None:
+        """Self-TPT's image side is one fixed encoder pass; Self-TPT-v's random views are not."""
+        return self.model.image_encoder if self.node.N_VIEWS <= 1 else None
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalised image features."""
         with self.autocast():
-            if images.dim() == 4:  # Self-TPT: one pass per image
-                return self.model.logits(self.model.encode_image(images), self.eval_text_features)
+            return self.model.encode_image(images)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model.logits(features, self.eval_text_features)
+
+    def model_inference(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 4:  # Self-TPT: one pass per image
+            return self.logits_from_features(self.encode_images(images))
+        with self.autocast():
             batch, n_views = images.shape[:2]  # Self-TPT-v: (B, V, 3, H, W)
             feats = self.model.encode_image(images.flatten(0, 1))
             logits = self.model.logits(feats, self.eval_text_features).view(batch, n_views, -1)

@@ -31,10 +31,24 @@ class ZeroshotCLIP(ClipTrainer):
 
     def build_model(self) -> None:
         self.clip_model = self.load_clip_model().to(self.device)
-        template = template_for(self.cfg.DATASET.NAME)
-        print(f'Prompt template: "{template}"')
-        self.text_features = encode_class_prompts(self.clip_model, template, self.classnames)
+        self.template = template_for(self.cfg.DATASET.NAME)
+        print(f'Prompt template: "{self.template}"')
+
+    def prepare_for_test(self) -> None:
+        """Encode the class prompts once per evaluation (the method's one-time cost)."""
+        self.text_features = encode_class_prompts(self.clip_model, self.template, self.classnames)
+
+    def image_encoder_for_cache(self) -> torch.nn.Module:
+        return self.clip_model.visual
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalised image features."""
+        with self.autocast():
+            return F.normalize(self.clip_model.encode_image(images.type(self.clip_model.dtype)), dim=-1)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.clip_model.logit_scale.exp() * features @ self.text_features.t()
 
     def model_inference(self, images: torch.Tensor) -> torch.Tensor:
-        feats = F.normalize(self.clip_model.encode_image(images.type(self.clip_model.dtype)), dim=-1)
-        return self.clip_model.logit_scale.exp() * feats @ self.text_features.t()
+        return self.logits_from_features(self.encode_images(images))

@@ -1,0 +1,129 @@
+"""The built-in CPU-scale benchmark (``selftpt.benchmark``) as ordinary Dassl datasets.
+
+Each dataset is generated on first use into ``<DATASET.ROOT>/<folder>/`` (or, when
+``DATASET.ROOT`` is empty, into ``$SELFTPT_DATA`` or ``~/.cache/selftpt/data``) in CoOp's
+layout (``images/`` + ``split_<Name>.json``), then read exactly as CoOp's datasets are:
+few-shot sampling (``DATASET.NUM_SHOTS``, cached per seed) and the base/new class halves
+(``DATASET.SUBSAMPLE_CLASSES``) for the datasets with a training split; the test-only domain
+shifts of ShapeWorld behave like CoOp's ImageNet variants (their test set is also ``train_x``,
+and shots and class halves do not apply).
+"""
+from __future__ import annotations
+
+import os.path as osp
+from dataclasses import dataclass
+from typing import Any
+
+from selftpt.benchmark.catalog import DATASETS as BENCHMARK, WorldDataset
+from selftpt.benchmark.fashion import FashionMNISTUnavailable
+from selftpt.benchmark.materialize import default_data_root, materialize, split_filename
+from selftpt.toolbox import DATASET_REGISTRY, DatasetBase
+
+from .catalog import DatasetSpec
+from .common import DatasetError, read_split
+from .template import SplitDataset
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec(DatasetSpec):
+    """A benchmark dataset's layout; its fix is always "let it be generated again"."""
+
+    def setup_fix(self, root: str = "$DATA") -> str:
+        return (f"delete {root}/{self.folder}/ and run again: it is regenerated "
+                f"(or run `python -m selftpt.benchmark.materialize --root {root} --datasets {self.name}`)")
+
+    def download_fix(self, root: str = "$DATA") -> str:
+        return self.setup_fix(root)
+
+
+def _spec(name: str, stem: str) -> BenchmarkSpec:
+    bench = BENCHMARK[name]
+    return BenchmarkSpec(
+        name=name, stem=stem, folder=bench.dataset_dir, image_dir="images",
+        num_classes=len(bench.classnames), data_dirs=("images",),
+        source="the generator in selftpt.benchmark", anchor="built-in-benchmark",
+        split_file=split_filename(name),
+        test_only=isinstance(bench, WorldDataset) and bench.n_train == 0,
+    )
+
+
+class BenchmarkDataset(SplitDataset):
+    """A benchmark dataset with train/val/test splits (CoOp's ``SplitDataset`` flow)."""
+
+    def _locate(self, cfg: Any) -> str:
+        spec = self.spec
+        given = str(cfg.DATASET.ROOT or "").strip()
+        root = osp.abspath(osp.expanduser(given)) if given else str(default_data_root())
+        try:
+            materialize(spec.name, root, download=True)
+        except FashionMNISTUnavailable as exc:
+            raise DatasetError(spec.name, "Fashion-MNIST files not found", root, str(exc)) from None
+        self.dataset_dir = osp.join(root, spec.folder)
+        self.image_dir = osp.join(self.dataset_dir, spec.image_dir)
+        return root
+
+
+class BenchmarkShift(BenchmarkDataset):
+    """A test-only domain shift of ShapeWorld (like CoOp's ImageNet variants)."""
+
+    def __init__(self, cfg: Any):
+        self.root = self._locate(cfg)
+        self.split_path = osp.join(self.dataset_dir, self.spec.split_file)
+        _, _, test = read_split(self.split_path, self.image_dir, self.spec.name, self.spec.setup_fix(self.root))
+        DatasetBase.__init__(self, train_x=test, test=test)
+
+
+@DATASET_REGISTRY.register()
+class ShapeWorld(BenchmarkDataset):
+    """Colour x shape world, 64 classes ("red triangle"); the benchmark's ImageNet."""
+
+    spec = _spec("ShapeWorld", "shapeworld")
+
+
+@DATASET_REGISTRY.register()
+class MoreShapes(BenchmarkDataset):
+    """Other colours x other shapes, 48 classes ("cyan pentagon"); a cross-dataset target."""
+
+    spec = _spec("MoreShapes", "moreshapes")
+
+
+@DATASET_REGISTRY.register()
+class ShapePatterns(BenchmarkDataset):
+    """Fill pattern x shape, 40 classes ("striped star"), any colour; a cross-dataset target."""
+
+    spec = _spec("ShapePatterns", "shapepatterns")
+
+
+@DATASET_REGISTRY.register()
+class FashionMNIST(BenchmarkDataset):
+    """Fashion-MNIST (Xiao et al. 2017), 10 classes, real images; a cross-dataset target."""
+
+    spec = _spec("FashionMNIST", "fashion_mnist")
+
+
+@DATASET_REGISTRY.register()
+class ShapeWorldSketch(BenchmarkShift):
+    """ShapeWorld's classes drawn as outlines on paper (like ImageNet-Sketch)."""
+
+    spec = _spec("ShapeWorldSketch", "shapeworld_sketch")
+
+
+@DATASET_REGISTRY.register()
+class ShapeWorldNoisy(BenchmarkShift):
+    """ShapeWorld under heavy pixel noise and blur (a corruption shift)."""
+
+    spec = _spec("ShapeWorldNoisy", "shapeworld_noisy")
+
+
+@DATASET_REGISTRY.register()
+class ShapeWorldPastel(BenchmarkShift):
+    """ShapeWorld in washed-out colours under tinted light (a palette shift)."""
+
+    spec = _spec("ShapeWorldPastel", "shapeworld_pastel")
+
+
+@DATASET_REGISTRY.register()
+class ShapeWorldClutter(BenchmarkShift):
+    """ShapeWorld with smaller objects among many distractors and occluders (like ImageNet-A)."""
+
+    spec = _spec("ShapeWorldClutter", "shapeworld_clutter")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job: the base-to-new protocol for several methods, then one table side by side.
+# Without $DATA it runs on the built-in CPU benchmark (minutes on two cores); with DATA set,
+# on the paper's datasets. Settings as in scripts/common.sh (bash scripts/coop/base2new.sh --help),
+# plus METHODS (default: "zsclip coop selftpt"; add tpt, cocoop).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+status=0
+for method in ${METHODS:-zsclip coop selftpt}; do
+  echo "=== $method ==="
+  TABLE=0 bash "scripts/$method/base2new.sh" "$@" || status=1
+done
+# shellcheck disable=SC2086
+"${PYTHON:-python}" parse_results.py "${OUTPUT:-output}/base2new" --seeds ${SEEDS:-1 2 3}
+exit $status

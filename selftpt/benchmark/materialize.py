@@ -1,0 +1,229 @@
+"""Write the benchmark datasets to disk in CoOp's layout, once, atomically.
+
+Each dataset becomes ``<root>/<dataset_dir>/`` holding ``images/<class>/<split>_<n>.png``,
+the CoOp split file ``split_<Name>.json`` (``{"train"|"val"|"test": [[relpath, label,
+classname], ...]}``, paths relative to ``images/``) and ``benchmark.json`` (what was generated,
+from which world version and seed). A dataset is written into a temporary folder beside its
+final place and renamed into place when complete, so an interrupted generation never leaves a
+half dataset; a folder from another world version is replaced.
+
+Where: ``DATASET.ROOT`` when given; otherwise ``default_data_root()``, that is
+``$SELFTPT_DATA`` or ``~/.cache/selftpt/data``.
+
+Command line::
+
+    python -m selftpt.benchmark.materialize [--root DIR] [--datasets ShapeWorld ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from selftpt.benchmark import fashion
+from selftpt.benchmark.catalog import DATASETS, FashionDataset, WorldDataset, get_dataset
+from selftpt.benchmark.world import WORLD_VERSION, SceneBatch, SceneSampler, concat_batches, render_scenes
+
+ENV_ROOT = "SELFTPT_DATA"
+RESOLUTION = 32
+SPLITS = ("train", "val", "test")
+META_FILE = "benchmark.json"
+
+
+def default_data_root() -> Path:
+    """Where benchmark datasets go when no root is given: ``$SELFTPT_DATA`` or ``~/.cache/selftpt/data``."""
+    return Path(os.environ.get(ENV_ROOT) or "~/.cache/selftpt/data").expanduser().resolve()
+
+
+def split_filename(name: str) -> str:
+    """The split file of a benchmark dataset (CoOp's naming, without CoOp's author tag)."""
+    return f"split_{name}.json"
+
+
+def class_folder(classname: str) -> str:
+    return classname.replace(" ", "_").replace("/", "_")
+
+
+def sample_world_class(spec: WorldDataset, label: int, split: str, n: int) -> SceneBatch:
+    """The ``n`` scenes of class ``label`` in ``split``: a pure function of the dataset's
+    seed, the split and the label (adding classes never changes other classes)."""
+    cls = spec.classes[label]
+    rng = np.random.default_rng([spec.seed, SPLITS.index(split), label, WORLD_VERSION])
+    return SceneSampler().sample(
+        rng, n, colors=[cls.color] * n, shapes=[cls.shape] * n, patterns=[cls.pattern] * n,
+        styles=spec.style, min_size=spec.min_size,
+    )
+
+
+def render_world_class(spec: WorldDataset, label: int, split: str, n: int) -> np.ndarray:
+    """The ``n`` images (n, 32, 32, 3) uint8 of class ``label`` in ``split``."""
+    return render_scenes(sample_world_class(spec, label, split, n), resolution=RESOLUTION)
+
+
+def world_split_arrays(spec: WorldDataset, chunk: int = 512) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Per split, ``(label, images)`` for every class; splits with 0 images are left out.
+
+    Classes are sampled one by one (their own seeds) and rendered together in chunks of about
+    ``chunk`` scenes, which is several times faster than class by class and gives the same pixels.
+    """
+    counts = {"train": spec.n_train, "val": spec.n_val, "test": spec.n_test}
+    out: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for split in SPLITS:
+        n = counts[split]
+        if n == 0:
+            continue
+        labels = list(range(len(spec.classes)))
+        per = max(1, chunk // n)
+        images = []
+        for i in range(0, len(labels), per):
+            group = labels[i:i + per]
+            images.append(render_scenes(concat_batches([sample_world_class(spec, lab, split, n) for lab in group]),
+                                        resolution=RESOLUTION))
+        images = np.concatenate(images)
+        out[split] = [(lab, images[lab * n:(lab + 1) * n]) for lab in labels]
+    return out
+
+
+def fashion_split_arrays(spec: FashionDataset, cache_dir: Path | None,
+                         download: bool) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Fashion-MNIST's benchmark splits: train/val from the official training images that
+    pretraining does not use (index >= ``pretrain_pool``), test from the official test set;
+    the first images of each class in file order (no randomness)."""
+    tr_x, tr_y = fashion.load_split("train", cache_dir, download)
+    te_x, te_y = fashion.load_split("test", cache_dir, download)
+    pool_x, pool_y = tr_x[spec.pretrain_pool:], tr_y[spec.pretrain_pool:]
+    out: dict[str, list] = {s: [] for s in SPLITS}
+    for lab in range(len(spec.classnames)):
+        idx = np.flatnonzero(pool_y == lab)
+        if len(idx) < spec.n_train + spec.n_val:
+            raise ValueError(f"Fashion-MNIST class {lab} has only {len(idx)} images outside the pretraining pool")
+        out["train"].append((lab, fashion.to_rgb32(pool_x[idx[:spec.n_train]])))
+        out["val"].append((lab, fashion.to_rgb32(pool_x[idx[spec.n_train:spec.n_train + spec.n_val]])))
+        out["test"].append((lab, fashion.to_rgb32(te_x[np.flatnonzero(te_y == lab)[:spec.n_test]])))
+    return out
+
+
+def _write(folder: Path, spec, arrays: dict[str, list[tuple[int, np.ndarray]]]) -> dict[str, int]:
+    names = list(spec.classnames)
+    split: dict[str, list] = {s: [] for s in SPLITS}
+    for s, per_class in arrays.items():
+        for lab, images in per_class:
+            sub = folder / "images" / class_folder(names[lab])
+            sub.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(images):
+                rel = f"{class_folder(names[lab])}/{s}_{i:04d}.png"
+                Image.fromarray(img).save(folder / "images" / rel)
+                split[s].append([rel, lab, names[lab]])
+    if not split["train"]:  # test-only: train lists the test images (CoOp's ImageNet variants)
+        split["train"] = list(split["test"])
+    with open(folder / split_filename(spec.name), "w") as f:
+        json.dump(split, f, indent=4, separators=(",", ": "))
+    return {s: len(v) for s, v in split.items()}
+
+
+def _meta(spec) -> dict:
+    kind = "world" if isinstance(spec, WorldDataset) else "fashion"
+    meta = {"name": spec.name, "kind": kind, "world_version": WORLD_VERSION, "resolution": RESOLUTION,
+            "classnames": list(spec.classnames), "template": spec.template}
+    if isinstance(spec, WorldDataset):
+        meta.update(seed=spec.seed, style=spec.style,
+                    per_class={"train": spec.n_train, "val": spec.n_val, "test": spec.n_test})
+    else:
+        meta.update(per_class={"train": spec.n_train, "val": spec.n_val, "test": spec.n_test},
+                    pretrain_pool=spec.pretrain_pool)
+    return meta
+
+
+def is_materialized(name: str, root: str | os.PathLike) -> bool:
+    """Whether ``root`` holds a complete copy of dataset ``name`` from this world version."""
+    spec = get_dataset(name)
+    folder = Path(root) / spec.dataset_dir
+    try:
+        with open(folder / META_FILE) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    expected = _meta(spec)
+    return all(meta.get(k) == v for k, v in expected.items()) and (folder / split_filename(name)).is_file()
+
+
+def materialize(name: str, root: str | os.PathLike | None = None, download: bool = False,
+                verbose: bool = True) -> Path:
+    """Make sure benchmark dataset ``name`` is on disk under ``root``; return its folder.
+
+    Args:
+        name: a benchmark dataset (``catalog.DATASETS``).
+        root: dataset root; ``None`` or "" = ``default_data_root()``.
+        download: allow torchvision to download Fashion-MNIST when no local copy exists.
+        verbose: print where it writes and how long it took.
+    """
+    spec = get_dataset(name)
+    root = Path(root).expanduser().resolve() if root else default_data_root()
+    target = root / spec.dataset_dir
+    if is_materialized(name, root):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if verbose:
+        print(f"[selftpt.benchmark] generating {name} into {target} (once; cached afterwards)", flush=True)
+    if isinstance(spec, WorldDataset):
+        arrays = world_split_arrays(spec)
+    else:
+        arrays = fashion_split_arrays(spec, root / "_downloads", download)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.dataset_dir}.tmp-", dir=root))
+    try:
+        counts = _write(tmp, spec, arrays)
+        meta = _meta(spec) | {"counts": counts}
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(meta, f, indent=2)
+        if target.exists():  # a stale or partial copy: move it aside, then remove it
+            if is_materialized(name, root):  # another process finished first
+                shutil.rmtree(tmp)
+                return target
+            stale = Path(tempfile.mkdtemp(prefix=f".{spec.dataset_dir}.stale-", dir=root))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_materialized(name, root):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost a race to an identical copy
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        total = sum(v for k, v in counts.items() if k != "train" or spec_has_train(spec))
+        print(f"[selftpt.benchmark] wrote {name}: {len(spec.classnames)} classes, {total} images, "
+              f"{time.time() - start:.1f}s", flush=True)
+    return target
+
+
+def spec_has_train(spec) -> bool:
+    return not (isinstance(spec, WorldDataset) and spec.n_train == 0)
+
+
+def materialize_all(root: str | os.PathLike | None = None, names=None, download: bool = False) -> dict[str, Path]:
+    """Materialise several benchmark datasets (all by default); returns name -> folder."""
+    return {n: materialize(n, root, download=download) for n in (names or list(DATASETS))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="", help=f"dataset root (default ${ENV_ROOT} or ~/.cache/selftpt/data)")
+    parser.add_argument("--datasets", nargs="*", default=None, help=f"default: all of {', '.join(DATASETS)}")
+    parser.add_argument("--download", action="store_true", help="allow downloading Fashion-MNIST with torchvision")
+    args = parser.parse_args(argv)
+    for name, path in materialize_all(args.root or None, args.datasets, args.download).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
