@@ -36,7 +36,7 @@ run_protocol() {
   "$PY" -m selftpt.sweep "$PROTOCOL" --trainer "$TRAINER" --cfg "$CFG" --data "${DATA:-}" \
     ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
     ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-1}" ${BACKBONE:+--backbone "$BACKBONE"} \
-    "$@" || status=$?
+    -- "$@" || status=$?
   if [ "${TABLE:-1}" = 1 ]; then
     # shellcheck disable=SC2086
     "$PY" parse_results.py "$output/$PROTOCOL" --seeds ${SEEDS:-1 2 3} || true

@@ -225,12 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="")
     p.add_argument("--output", default="output")
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config options")
+    p.epilog = "Extra KEY VALUE config options for train.py go after a '--'."
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.opts = opts
     source, targets = default_datasets(args.protocol, args.data)
     args.source = source if args.source is None else args.source
     args.datasets = args.datasets or targets

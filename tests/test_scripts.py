@@ -1,0 +1,72 @@
+"""scripts/<method>/<protocol>.sh end to end on the built-in benchmark (CI-sized), and sweeps."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from selftpt.sweep import Sweep, default_datasets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep(protocol="base2new", trainer="SelfTPT", **kw):
+    args = dict(cfg="bench", data="", datasets=["shapeworld"], seeds=[1], shots=[2], output=Path("/o"))
+    args.update(kw)
+    return Sweep(protocol, trainer, **args)
+
+
+def test_base2new_never_reuses_the_training_folder_for_new_classes():
+    (train, test), = sweep().chains()
+    assert "train_base" in train.output_dir.parts and "test_new" in test.output_dir.parts
+    assert test.eval_only and test.model_dir == train.output_dir
+    assert ["DATASET.SUBSAMPLE_CLASSES", "new"] == test.opts[2:4]
+    assert str(train.output_dir).endswith("base2new/train_base/shapeworld/shots_2/SelfTPT/bench/seed1")
+
+
+def test_training_free_methods_are_evaluated_on_base_and_new():
+    (base, new), = sweep(trainer="TPT").chains()
+    assert base.eval_only and new.eval_only and base.model_dir is None
+    assert "test_base" in base.output_dir.parts and "test_new" in new.output_dir.parts
+
+
+def test_cross_dataset_trains_once_per_seed_then_tests_every_target():
+    source, targets = default_datasets("xd", "")
+    chains = sweep("xd", datasets=targets, source=source, seeds=[1, 2]).chains()
+    assert len(chains) == 2 and all(len(c) == 1 + len(targets) for c in chains)
+    train, *tests = chains[0]
+    assert not train.eval_only and all(t.model_dir == train.output_dir for t in tests)
+    assert default_datasets("dg", "/data") == ("imagenet", ["imagenet_v2", "imagenet_sketch", "imagenet_a",
+                                                            "imagenet_r"])
+
+
+def test_selftpt_base2new_script_runs_skips_and_prints_the_table(tmp_path):
+    # DATA unset: the built-in benchmark, generated under SELFTPT_DATA
+    env = dict(os.environ, SELFTPT_DATA=str(tmp_path / "data"), DATASETS="shapeworld", SEEDS="1", SHOTS="1",
+               OUTPUT=str(tmp_path / "out"), PYTHON=os.environ.get("PYTHON", "python"))
+    env.pop("DATA", None)
+    env["PATH"] = f"{Path(os.sys.executable).parent}:{env['PATH']}"
+    cmd = ["bash", "scripts/selftpt/base2new.sh", "OPTIM.MAX_EPOCH", "1", "TRAINER.SELFTPT.TTA_STEPS", "2"]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "[1/2] ran" in first.stdout and "[2/2] ran" in first.stdout
+    assert "ShapeWorld" in first.stdout and "HM" in first.stdout  # the closing table
+    run = tmp_path / "out/base2new/train_base/shapeworld/shots_1/SelfTPT/bench/seed1"
+    new = tmp_path / "out/base2new/test_new/shapeworld/shots_1/SelfTPT/bench/seed1"
+    base_rec, new_rec = (json.loads((d / "results.json").read_text()) for d in (run, new))
+    assert base_rec["subsample_classes"] == "base" and new_rec["subsample_classes"] == "new"
+    stamp = (run / "results.json").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("skipped (finished)") == 2
+    assert (run / "results.json").stat().st_mtime_ns == stamp  # nothing finished is rewritten
+
+
+def test_script_help_and_unknown_dataset():
+    out = subprocess.run(["bash", "scripts/coop/xd.sh", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "SEEDS" in out.stdout and "xd" in out.stdout
+    env = dict(os.environ, DATASETS="shapewrld", PYTHON=os.environ.get("PYTHON", "python"))
+    env["PATH"] = f"{Path(os.sys.executable).parent}:{env['PATH']}"
+    bad = subprocess.run(["bash", "scripts/coop/base2new.sh"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "configs/datasets/shapewrld.yaml" in bad.stderr
