@@ -32,6 +32,7 @@ from selftpt.results import RESULTS_FILENAME
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("base2new", "xd", "dg", "fewshot")
 TRAINING_FREE = ("ZeroshotCLIP", "TPT")  # evaluated directly, nothing to train
+DETERMINISTIC = ("ZeroshotCLIP",)  # the same result for every seed: run once, unseeded
 
 # The paper's datasets (CoOp config stems): (source, targets) per protocol.
 PAPER_ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -94,12 +95,12 @@ class Sweep:
 
     def folder(self, *parts: str, dataset: str, shots: int, seed: int) -> Path:
         return self.output.joinpath(self.protocol, *parts, dataset, f"shots_{shots}", self.trainer,
-                                    self.cfg, f"seed{seed}")
+                                    self.cfg, f"seed{seed}" if seed >= 0 else "unseeded")
 
     def chains(self) -> list[list[Run]]:
         """Lists of runs; each list runs in order, lists run in parallel."""
         chains = []
-        for seed in self.seeds:
+        for seed in ([-1] if self.trainer in DETERMINISTIC else self.seeds):
             for shots in self.shots:
                 chains += self._chains_for(seed, shots)
         return chains

@@ -70,3 +70,9 @@ def test_script_help_and_unknown_dataset():
     bad = subprocess.run(["bash", "scripts/coop/base2new.sh"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "configs/datasets/shapewrld.yaml" in bad.stderr
+
+
+def test_zero_shot_clip_runs_once_unseeded():
+    chains = sweep(trainer="ZeroshotCLIP", seeds=[1, 2, 3]).chains()
+    assert len(chains) == 1 and all(r.output_dir.name == "unseeded" and r.opts[-2:] == ["SEED", "-1"]
+                                     for r in chains[0])
