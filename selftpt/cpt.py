@@ -91,15 +91,16 @@ class ContrastivePromptTask(nn.Module):
     @torch.no_grad()
     def refresh_class_set(self, model: PromptedCLIP, chunk: int = 256) -> None:
         """Encode the fixed hand-crafted view of the learner's current class names, once."""
-        if HANDCRAFTED not in self.views:
-            return
         learner = model.prompt_learner
+        if HANDCRAFTED not in self.views or getattr(self, "_encoded_for", None) == learner.classnames:
+            return  # nothing to encode, or already encoded for these class names
         texts = [self.template.format(name) for name in learner.classnames]
         feats = []
         for i in range(0, len(texts), chunk):
             tokens = tokenize(texts[i:i + chunk], learner.context_length).to(learner.token_prefix.device)
             feats.append(model.text_encoder(learner.embed_tokens(tokens).to(tokens.device), tokens))
         self.handcrafted_features = torch.cat(feats).float()  # (n_cls, D), not normalised
+        self._encoded_for = list(learner.classnames)
 
     def features(self, model: PromptedCLIP, indices: torch.Tensor,
                  ctx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
