@@ -255,3 +255,24 @@ class ClipTrainer(TrainerX):
                 f"No checkpoint at {path}{hint}; check --model-dir and --load-epoch"
             )
         return path
+
+
+class PromptedClipTrainer(ClipTrainer):
+    """A trainer whose ``self.model`` is a ``PromptedCLIP`` and whose evaluation classifies
+    with text features computed once (``self.eval_text_features``, set in
+    ``prepare_for_test``): one image-encoder pass per image, so the feature cache applies."""
+
+    def image_encoder_for_cache(self) -> nn.Module | None:
+        return self.model.image_encoder
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalised image features."""
+        with self.autocast():
+            return self.model.encode_image(images)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model.logits(features, self.eval_text_features)
+
+    def model_inference(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.encode_images(images))

@@ -15,7 +15,7 @@ from selftpt.toolbox import (
     compute_accuracy,
     load_pretrained_weights,
 )
-from selftpt.trainer_base import ClipTrainer
+from selftpt.trainer_base import PromptedClipTrainer
 
 
 def build_prompt_learner(node: Any, classnames: list[str], clip_model: torch.nn.Module) -> PromptLearner:
@@ -27,7 +27,7 @@ def build_prompt_learner(node: Any, classnames: list[str], clip_model: torch.nn.
 
 
 @TRAINER_REGISTRY.register()
-class CoOp(ClipTrainer):
+class CoOp(PromptedClipTrainer):
     """Learns a continuous text context with cross-entropy on labelled few-shot images."""
 
     CFG_NODE = "COOP"
@@ -57,25 +57,9 @@ class CoOp(ClipTrainer):
             self.update_lr()
         return summary
 
-
     # ------------------------------------------------------------------------ evaluation
     def prepare_for_test(self) -> None:
         """The prompt is fixed during evaluation: encode the class prompts once, not per batch."""
         with torch.no_grad(), self.autocast():
             chunks = torch.arange(self.model.prompt_learner.n_cls, device=self.device).split(256)
             self.eval_text_features = torch.cat([self.model.text_features(indices=c) for c in chunks])
-
-    def image_encoder_for_cache(self) -> torch.nn.Module:
-        return self.model.image_encoder
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) L2-normalised image features."""
-        with self.autocast():
-            return self.model.encode_image(images)
-
-    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model.logits(features, self.eval_text_features)
-
-    def model_inference(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits_from_features(self.encode_images(images))

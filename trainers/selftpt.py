@@ -31,7 +31,7 @@ from selftpt.toolbox import (
     compute_accuracy,
     load_pretrained_weights,
 )
-from selftpt.trainer_base import ClipTrainer
+from selftpt.trainer_base import PromptedClipTrainer
 from selftpt.views import TestTimeViews, use_augmix
 from trainers.coop import build_prompt_learner
 
@@ -45,7 +45,7 @@ TTA_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": t
 
 
 @TRAINER_REGISTRY.register()
-class SelfTPT(ClipTrainer):
+class SelfTPT(PromptedClipTrainer):
     """CoOp prompt + CPT + GM in training; class-name adaptation and single-pass inference."""
 
     CFG_NODE = "SELFTPT"
@@ -202,20 +202,11 @@ class SelfTPT(ClipTrainer):
 
     def image_encoder_for_cache(self) -> torch.nn.Module | None:
         """Self-TPT's image side is one fixed encoder pass; Self-TPT-v's random views are not."""
-        return self.model.image_encoder if self.node.N_VIEWS <= 1 else None
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) L2-normalised image features."""
-        with self.autocast():
-            return self.model.encode_image(images)
-
-    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model.logits(features, self.eval_text_features)
+        return super().image_encoder_for_cache() if self.node.N_VIEWS <= 1 else None
 
     def model_inference(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() == 4:  # Self-TPT: one pass per image
-            return self.logits_from_features(self.encode_images(images))
+            return super().model_inference(images)
         with self.autocast():
             batch, n_views = images.shape[:2]  # Self-TPT-v: (B, V, 3, H, W)
             feats = self.model.encode_image(images.flatten(0, 1))
