@@ -57,10 +57,14 @@ class ClipTrainer(TrainerX):
         """A test transform replacing Dassl's (e.g. TPT's 64 views); None keeps Dassl's."""
         return None
 
-    def build_data_loader(self) -> None:
+    def build_data_loader(self, cfg: Any = None) -> None:
         """Dassl's ``SimpleTrainer.build_data_loader`` with ``custom_test_transform`` and a
-        wrapper that reports (or, with DATASET.SKIP_CORRUPT_IMAGES, skips) unreadable images."""
-        dm = DataManager(self.cfg, custom_tfm_test=self.custom_test_transform(),
+        wrapper that reports (or, with DATASET.SKIP_CORRUPT_IMAGES, skips) unreadable images.
+
+        Args:
+            cfg: a variant of ``self.cfg`` for the loaders (e.g. another test batch size).
+        """
+        dm = DataManager(cfg or self.cfg, custom_tfm_test=self.custom_test_transform(),
                          dataset_wrapper=SafeDatasetWrapper)
         self.dm = dm
         self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u

@@ -56,6 +56,12 @@ class TestTimeViews:
             augment.append(T.AugMix(severity=1, mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False))
         self.augmented = T.Compose([*augment, *finish])
 
+    @classmethod
+    def from_cfg(cls, cfg, n_views: int, augmix: str) -> "TestTimeViews":
+        """Views sized and normalised as the config's input, AugMix per ``use_augmix``."""
+        return cls(cfg.INPUT.SIZE, n_views, use_augmix(augmix, cfg.DATASET.NAME), cfg.INPUT.PIXEL_MEAN,
+                   cfg.INPUT.PIXEL_STD, cfg.INPUT.INTERPOLATION)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         views = [self.clean(image)] + [self.augmented(image) for _ in range(self.n_views - 1)]
         return torch.stack(views)  # (n_views, 3, H, W)

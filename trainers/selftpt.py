@@ -32,7 +32,7 @@ from selftpt.toolbox import (
     load_pretrained_weights,
 )
 from selftpt.trainer_base import PromptedClipTrainer
-from selftpt.views import TestTimeViews, use_augmix
+from selftpt.views import TestTimeViews
 from trainers.coop import build_prompt_learner
 
 def differentiable_attention(needed: bool) -> contextlib.AbstractContextManager:
@@ -62,11 +62,8 @@ class SelfTPT(PromptedClipTrainer):
             raise UserError("TRAINER.SELFTPT.USE_GM needs USE_CPT True (GM aligns the CPT gradient)")
 
     def custom_test_transform(self) -> TestTimeViews | None:
-        node, cfg = self.cfg.TRAINER.SELFTPT, self.cfg
-        if node.N_VIEWS <= 1:
-            return None
-        return TestTimeViews(cfg.INPUT.SIZE, node.N_VIEWS, use_augmix(node.AUGMIX, cfg.DATASET.NAME),
-                             cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, cfg.INPUT.INTERPOLATION)
+        node = self.cfg.TRAINER.SELFTPT
+        return TestTimeViews.from_cfg(self.cfg, node.N_VIEWS, node.AUGMIX) if node.N_VIEWS > 1 else None
 
     def build_model(self) -> None:
         cfg, node = self.cfg, self.node

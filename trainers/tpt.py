@@ -25,7 +25,7 @@ import torch
 from selftpt.errors import UserError
 from selftpt.losses import marginal_entropy, select_confident
 from selftpt.prompted_clip import PromptedCLIP
-from selftpt.toolbox import TRAINER_REGISTRY, DataManager, load_checkpoint, load_pretrained_weights
+from selftpt.toolbox import TRAINER_REGISTRY, load_checkpoint, load_pretrained_weights
 from selftpt.trainer_base import CheckpointError, ClipTrainer
 from selftpt.views import TestTimeViews, use_augmix
 from trainers.coop import build_prompt_learner
@@ -49,15 +49,16 @@ class TPT(ClipTrainer):
     AUTO_CUDA_PRECISION = "amp"  # TPT keeps CLIP in fp32 and uses autocast
 
     # ------------------------------------------------------------------------------ data
+    def custom_test_transform(self) -> TestTimeViews:
+        node = self.cfg.TRAINER.TPT
+        self.views = TestTimeViews.from_cfg(self.cfg, node.N_VIEWS, node.AUGMIX)
+        augmix = use_augmix(node.AUGMIX, self.cfg.DATASET.NAME)
+        print(f"TPT views: {node.N_VIEWS} per image (clean view first), AugMix {'on' if augmix else 'off'}")
+        return self.views
+
     def build_data_loader(self) -> None:
         """Dassl's data manager with TPT's multi-view test transform, one image per batch."""
         cfg = self.cfg
-        node = cfg.TRAINER.TPT
-        augmix = use_augmix(node.AUGMIX, cfg.DATASET.NAME)
-        self.views = TestTimeViews(cfg.INPUT.SIZE, n_views=node.N_VIEWS, augmix=augmix,
-                                   mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD,
-                                   interpolation=cfg.INPUT.INTERPOLATION)
-        print(f"TPT views: {node.N_VIEWS} per image (clean view first), AugMix {'on' if augmix else 'off'}")
         if cfg.DATALOADER.TEST.BATCH_SIZE != 1:
             # Each item is already N_VIEWS images; batching images would only multiply memory.
             print(f"TPT adapts one image at a time: test batch size "
@@ -66,15 +67,7 @@ class TPT(ClipTrainer):
             cfg.defrost()
             cfg.DATALOADER.TEST.BATCH_SIZE = 1
             cfg.freeze()
-        dm = DataManager(cfg, custom_tfm_test=self.views)
-        self.train_loader_x = dm.train_loader_x
-        self.train_loader_u = dm.train_loader_u
-        self.val_loader = dm.val_loader
-        self.test_loader = dm.test_loader
-        self.num_classes = dm.num_classes
-        self.num_source_domains = dm.num_source_domains
-        self.lab2cname = dm.lab2cname
-        self.dm = dm
+        super().build_data_loader(cfg)
 
     # ----------------------------------------------------------------------------- model
     def build_model(self) -> None:
