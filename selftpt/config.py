@@ -23,7 +23,6 @@ def _prompt_node(n_ctx: int, ctx_init: str) -> CN:
 def extend_cfg(cfg: CN) -> CN:
     """Add the project's keys to a Dassl default config, in place; returns ``cfg``."""
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new (CoOp's base-to-new split)
-    # Where the built-in benchmark is generated when DATASET.ROOT is empty.
     cfg.DATASET.SKIP_CORRUPT_IMAGES = False  # skip unreadable images (counted in results)
 
     cfg.MODEL.BACKBONE.PATH = ""  # local CLIP file (TorchScript or state_dict); overrides download
