@@ -22,7 +22,14 @@ from selftpt.config import PRECISIONS
 from selftpt.errors import UserError
 from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
 from selftpt.feature_cache import cached_eval_logits
-from selftpt.toolbox import DataManager, TrainerX, load_checkpoint
+from selftpt.toolbox import (
+    DataManager,
+    TrainerX,
+    build_lr_scheduler,
+    build_optimizer,
+    load_checkpoint,
+    load_pretrained_weights,
+)
 
 # Buffers that depend on the class names: rebuilt for the current classes, never loaded.
 CLASS_DEPENDENT_KEYS = ("token_prefix", "token_suffix", "tokenized_prompts")
@@ -119,6 +126,21 @@ class ClipTrainer(TrainerX):
                 names.append(name)
         print(f"Parameters to be updated: {sorted(names)}")
         return names
+
+    def setup_prompt_training(self, model: nn.Module) -> None:
+        """CoOp's recipe around a model with a ``prompt_learner``: freeze everything else, load
+        MODEL.INIT_WEIGHTS, move to the device, register ``prompt_learner`` with Dassl's
+        optimiser and scheduler, and make the GradScaler for amp."""
+        cfg = self.cfg
+        self.model = model
+        self.freeze_except(model, ("prompt_learner",))
+        if cfg.MODEL.INIT_WEIGHTS:
+            load_pretrained_weights(model.prompt_learner, cfg.MODEL.INIT_WEIGHTS)
+        model.to(self.device)
+        self.optim = build_optimizer(model.prompt_learner, cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model("prompt_learner", model.prompt_learner, self.optim, self.sched)
+        self.scaler = self.make_grad_scaler()
 
     def make_grad_scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler("cuda") if self.precision == "amp" else None

@@ -15,13 +15,7 @@ from torch import nn
 
 from selftpt.prompt_learner import PromptLearner
 from selftpt.prompted_clip import PromptedCLIP
-from selftpt.toolbox import (
-    TRAINER_REGISTRY,
-    build_lr_scheduler,
-    build_optimizer,
-    compute_accuracy,
-    load_pretrained_weights,
-)
+from selftpt.toolbox import TRAINER_REGISTRY, compute_accuracy
 from selftpt.trainer_base import ClipTrainer
 
 # Prompts sent through the text encoder in one call (images x classes) when no gradient is
@@ -90,20 +84,13 @@ class CoCoOp(ClipTrainer):
     CFG_NODE = "COCOOP"
 
     def build_model(self) -> None:
-        cfg, node = self.cfg, self.node
+        node = self.node
         clip_model = self.load_clip_model()
         print("Building custom CLIP")
         learner = ConditionalPromptLearner(self.classnames, clip_model, n_ctx=node.N_CTX,
                                            ctx_init=node.CTX_INIT)
         self.model = CoCoOpCLIP(learner, clip_model)
-        self.freeze_except(self.model, ("prompt_learner",))
-        if cfg.MODEL.INIT_WEIGHTS:
-            load_pretrained_weights(self.model.prompt_learner, cfg.MODEL.INIT_WEIGHTS)
-        self.model.to(self.device)
-        self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
-        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
-        self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
-        self.scaler = self.make_grad_scaler()
+        self.setup_prompt_training(self.model)
 
     def forward_backward(self, batch: dict) -> dict[str, float]:
         images, labels = self.parse_batch_train(batch)

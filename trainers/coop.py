@@ -8,13 +8,7 @@ import torch.nn.functional as F
 
 from selftpt.prompt_learner import PromptLearner
 from selftpt.prompted_clip import PromptedCLIP
-from selftpt.toolbox import (
-    TRAINER_REGISTRY,
-    build_lr_scheduler,
-    build_optimizer,
-    compute_accuracy,
-    load_pretrained_weights,
-)
+from selftpt.toolbox import TRAINER_REGISTRY, compute_accuracy
 from selftpt.trainer_base import PromptedClipTrainer
 
 
@@ -33,18 +27,10 @@ class CoOp(PromptedClipTrainer):
     CFG_NODE = "COOP"
 
     def build_model(self) -> None:
-        cfg = self.cfg
         clip_model = self.load_clip_model()
         print("Building custom CLIP")
         self.model = PromptedCLIP(build_prompt_learner(self.node, self.classnames, clip_model), clip_model)
-        self.freeze_except(self.model, ("prompt_learner",))
-        if cfg.MODEL.INIT_WEIGHTS:
-            load_pretrained_weights(self.model.prompt_learner, cfg.MODEL.INIT_WEIGHTS)
-        self.model.to(self.device)
-        self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
-        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
-        self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
-        self.scaler = self.make_grad_scaler()
+        self.setup_prompt_training(self.model)
 
     def forward_backward(self, batch: dict) -> dict[str, float]:
         images, labels = self.parse_batch_train(batch)

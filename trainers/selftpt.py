@@ -29,7 +29,6 @@ from selftpt.toolbox import (
     build_lr_scheduler,
     build_optimizer,
     compute_accuracy,
-    load_pretrained_weights,
 )
 from selftpt.trainer_base import PromptedClipTrainer
 from selftpt.views import TestTimeViews
@@ -73,20 +72,13 @@ class SelfTPT(PromptedClipTrainer):
         self.model = PromptedCLIP(learner, clip_model, grad_checkpoint=node.GRAD_CHECKPOINT)
         template = node.HANDCRAFTED_TEMPLATE or template_for(cfg.DATASET.NAME)
         self.cpt = ContrastivePromptTask(self.model, list(node.CPT_VIEWS), node.HEAD, node.TEMPERATURE, template)
-        self.freeze_except(self.model, ("prompt_learner",))
-        if cfg.MODEL.INIT_WEIGHTS:
-            load_pretrained_weights(self.model.prompt_learner, cfg.MODEL.INIT_WEIGHTS)
-        self.model.to(self.device)
+        self.setup_prompt_training(self.model)
         self.cpt.to(self.device)
         # Two registered models so that prompt_learner/ checkpoints stay CoOp's format.
-        self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
-        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
-        self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
         if any(p.requires_grad for p in self.cpt.head.parameters()):
             self.head_optim = build_optimizer(self.cpt.head, cfg.OPTIM)
             self.head_sched = build_lr_scheduler(self.head_optim, cfg.OPTIM)
             self.register_model("cpt_head", self.cpt.head, self.head_optim, self.head_sched)
-        self.scaler = self.make_grad_scaler()
         self.grad_ema = GradientEMA(node.GM_EMA)
         self.cpt_generator = torch.Generator().manual_seed(max(cfg.SEED, 0))
         self.epoch_grad_cos: list[float] = []
