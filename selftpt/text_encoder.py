@@ -1,9 +1,41 @@
-"""CLIP's text tower applied to prompt embeddings (CoOp's ``TextEncoder``), written once."""
+"""CLIP's text tower applied to prompt embeddings (CoOp's ``TextEncoder``), written once.
+
+Prompts are cut after the longest prompt's end-of-text token before the transformer runs.
+That is exact, not an approximation: CLIP's causal mask means no position ever attends to a
+later one, so the padding after EOT cannot change the EOT feature. A CoOp prompt ("X X X X
+red triangle.") fills 8-20 of CLIP's 77 positions, so trimming makes every prompt-learning
+step (CoOp, CPT, TPT's per-image step) several times cheaper.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """CLIP's additive attention mask for ``length`` positions (-inf above the diagonal)."""
+    return torch.full((length, length), float("-inf"), device=device).triu_(1)
+
+
+def residual_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One ``clip.model.ResidualAttentionBlock`` on a sequence-first ``x`` with an explicit mask
+    (the block's own mask is sized for the full context length)."""
+    h = block.ln_1(x)
+    x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask.to(x.dtype))[0]
+    return x + block.mlp(block.ln_2(x))
+
+
+def trimmed_length(tokens: torch.Tensor) -> int:
+    """Positions needed to reach the last EOT token (EOT has the largest id in CLIP's vocabulary)."""
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+
+def encode_text_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``clip_model.encode_text`` on token ids, trimmed after the longest prompt's EOT."""
+    length = trimmed_length(tokens)
+    prompts = clip_model.token_embedding(tokens[:, :length]).type(clip_model.dtype)
+    return TextEncoder(clip_model)(prompts, tokens[:, :length])
 
 
 class TextEncoder(nn.Module):
@@ -29,14 +61,16 @@ class TextEncoder(nn.Module):
 
         Returns: (n, embed_dim) text features, not normalised.
         """
-        x = prompts + self.positional_embedding.type(self.dtype)  # (n, L, d)
+        length = trimmed_length(tokenized_prompts)
+        x = prompts[:, :length] + self.positional_embedding[:length].type(self.dtype)
         x = x.permute(1, 0, 2)  # (L, n, d): OpenAI's transformer is sequence-first
-        if self.grad_checkpoint and torch.is_grad_enabled():
-            for block in self.transformer.resblocks:
-                x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = self.transformer(x)
+        mask = causal_mask(length, x.device)
+        for block in self.transformer.resblocks:
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(residual_block, block, x, mask, use_reentrant=False)
+            else:
+                x = residual_block(block, x, mask)
         x = x.permute(1, 0, 2)  # (n, L, d)
         x = self.ln_final(x).type(self.dtype)
-        eot = tokenized_prompts.argmax(dim=-1)  # the end-of-text token has the largest id
+        eot = tokenized_prompts.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection

@@ -50,6 +50,29 @@ def test_end_layout_with_ctx_init_reproduces_the_plain_prompt(clip_model):
     assert torch.allclose(ours, torch.nn.functional.normalize(ref, dim=-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_text_encoder_trims_padding_exactly(clip_model, grad_checkpoint):
+    # prompts stop after the longest EOT; the causal mask makes that exact, gradients included
+    from selftpt.text_encoder import TextEncoder, trimmed_length
+    learner = PromptLearner(NAMES, clip_model, n_ctx=4)
+    assert trimmed_length(learner.tokenized_prompts) < learner.tokenized_prompts.shape[1]
+    prompts = learner("end")
+
+    def full_length(x):  # CLIP's own path over all 32 positions
+        x = x + clip_model.positional_embedding
+        x = clip_model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = clip_model.ln_final(x)
+        eot = learner.tokenized_prompts.argmax(-1)
+        return x[torch.arange(len(x)), eot] @ clip_model.text_projection
+
+    ours = TextEncoder(clip_model, grad_checkpoint=grad_checkpoint)(prompts, learner.tokenized_prompts)
+    ref = full_length(prompts)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    g_ours, = torch.autograd.grad(ours.square().sum(), learner.ctx)
+    g_ref, = torch.autograd.grad(full_length(learner("end")).square().sum(), learner.ctx)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-3)
+
+
 def test_set_classnames_keeps_context_and_rebuilds_buffers(clip_model):
     learner = PromptLearner(NAMES, clip_model, n_ctx=4)
     ctx = learner.ctx.data.clone()

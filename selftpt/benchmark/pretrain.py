@@ -42,6 +42,7 @@ from selftpt.benchmark.catalog import DATASETS, PRETRAIN_SEED_BASE, PRETRAIN_TIE
 from selftpt.benchmark.world import COLORS, PATTERNS, SHAPES, WORLD_VERSION, SceneSampler, render_scenes
 from selftpt.benchmark.zeroshot import to_model_input
 from selftpt.clip_loader import CLIP_ARCHS
+from selftpt.text_encoder import encode_text_tokens
 
 log = logging.getLogger("selftpt.benchmark.pretrain")
 
@@ -146,30 +147,6 @@ def _worker_init(_):
 
 # --------------------------------------------------------------------------------- the model
 
-def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text`` on tokens cut after the longest caption's EOT token.
-
-    Exact: the causal mask means the EOT feature never sees later (padding) positions, so
-    trimming them only saves time.
-    """
-    length = int(tokens.argmax(-1).max()) + 1
-    tokens = tokens[:, :length]
-    x = model.token_embedding(tokens) + model.positional_embedding[:length]
-    mask = torch.full((length, length), float("-inf"), device=x.device).triu_(1)
-    x = x.permute(1, 0, 2)  # (L, B, D)
-    for block in model.transformer.resblocks:
-        x = _block(block, x, mask)
-    x = model.ln_final(x.permute(1, 0, 2))
-    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
-
-
-def _block(block, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One ``clip.model.ResidualAttentionBlock`` with an explicit attention mask."""
-    h = block.ln_1(x)
-    x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
-    return x + block.mlp(block.ln_2(x))
-
-
 def build_model(seed: int) -> torch.nn.Module:
     from clip.model import CLIP
 
@@ -230,7 +207,7 @@ def pretrain(out: str | os.PathLike, steps: int = 1200, batch_size: int = 128, l
     bar = tqdm(loader, total=steps, desc="pretrain", dynamic_ncols=True)
     for step, (images, tokens) in enumerate(bar):
         img = model.encode_image(images)
-        txt = encode_text_trimmed(model, tokens)
+        txt = encode_text_tokens(model, tokens)
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
         logits = model.logit_scale.exp() * img @ txt.t()
