@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import os
 import os.path as osp
 import sys
@@ -32,6 +33,12 @@ from selftpt.toolbox import (
     set_random_seed,
     setup_logger,
 )
+
+
+@functools.cache
+def _system_info() -> str:
+    """Dassl's environment report (about a second of subprocess calls), once per process."""
+    return collect_env_info()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +171,7 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
     print("** Config **")
     print(cfg)
     print("** System info **")
-    print(collect_env_info())
+    print(_system_info())
     print(f"Toolbox backend: {BACKEND}")
 
     trainer = build_trainer(cfg)

@@ -44,6 +44,17 @@ def test_coop_trains_writes_checkpoints_and_results(coop_run):
     assert losses[-1] < losses[0]  # the prompt learns
 
 
+def test_runs_in_one_process_do_not_leak_into_each_other(coop_run, tmp_path):
+    # sweep workers run many train.py runs in one process: a rerun after another seed's run
+    # must give exactly the first run's result (seeding, streams and caches are per run)
+    out, opts = coop_run
+    assert run_cli(["--output-dir", tmp_path / "seed2", "--seed", 2, *opts])[0] == 0
+    assert run_cli(["--output-dir", tmp_path / "again", "--seed", 1, *opts])[0] == 0
+    first, again = results(out)["metrics"], results(tmp_path / "again")["metrics"]
+    assert again == first
+    assert "Finish training" not in (out / "log.txt").read_text().split("Finish training", 1)[1]
+
+
 def test_eval_only_reproduces_the_training_run(coop_run, tmp_path):
     out, opts = coop_run
     code, _ = run_cli(["--output-dir", tmp_path / "eval", "--seed", 1, "--eval-only",
