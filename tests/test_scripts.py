@@ -4,8 +4,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from selftpt.sweep import Sweep, default_datasets
 
 REPO = Path(__file__).resolve().parents[1]
