@@ -22,6 +22,8 @@ Environment (defaults in brackets):
   BACKBONE  override MODEL.BACKBONE.NAME [the config's]
   CFG       config stem under configs/trainers/${TRAINER}/ [${PAPER_CFG} with DATA, ${BENCH_CFG} without]
   OUTPUT    output root [output]
+  PROMPTS_FROM  <Trainer>/<cfg> whose trained prompts a training-free method starts from,
+            e.g. PROMPTS_FROM=CoOp/bench bash scripts/tpt/base2new.sh = TPT+CoOp (run CoOp first)
   JOBS      runs at once, round-robin over CUDA_VISIBLE_DEVICES when GPUs exist
             [0 = auto: one per GPU, else one per CPU core]
   TABLE     print the closing table (1) or not (0) [1]
@@ -37,6 +39,7 @@ run_protocol() {
   "$PY" -m selftpt.sweep "$PROTOCOL" --trainer "$TRAINER" --cfg "$CFG" --data "${DATA:-}" \
     ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
     ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-0}" ${BACKBONE:+--backbone "$BACKBONE"} \
+    ${PROMPTS_FROM:+--prompts-from "$PROMPTS_FROM"} \
     -- "$@" || status=$?
   if [ "${TABLE:-1}" = 1 ]; then
     # shellcheck disable=SC2086

@@ -91,14 +91,43 @@ class Sweep:
     source: str = ""
     backbone: str = ""
     extra_opts: list[str] = field(default_factory=list)
+    prompts_from: str = ""  # "<Trainer>/<cfg>": a training-free method starts from those prompts
+
+    def __post_init__(self) -> None:
+        if self.prompts_from and (self.trains or self.prompts_from.count("/") != 1):
+            raise SystemExit(f"error: --prompts-from {self.prompts_from!r} needs the form <Trainer>/<cfg> "
+                             f"and a training-free trainer ({', '.join(TRAINING_FREE)}), not {self.trainer}")
 
     @property
     def trains(self) -> bool:
         return self.trainer not in TRAINING_FREE
 
-    def folder(self, *parts: str, dataset: str, shots: int, seed: int) -> Path:
-        return self.output.joinpath(self.protocol, *parts, dataset, f"shots_{shots}", self.trainer,
-                                    self.cfg, f"seed{seed}" if seed >= 0 else "unseeded")
+    @property
+    def run_cfg(self) -> str:
+        """The cfg folder of this sweep's runs (``bench``; ``bench+CoOp-bench`` when started from
+        CoOp/bench prompts, so TPT and TPT+CoOp never share a folder)."""
+        return f"{self.cfg}+{self.prompts_from.replace('/', '-')}" if self.prompts_from else self.cfg
+
+    @property
+    def method_name(self) -> str:
+        """Display name for the tables: ``TPT+CoOp`` when started from CoOp's prompts."""
+        return f"{self.trainer}+{self.prompts_from.split('/')[0]}" if self.prompts_from else ""
+
+    def folder(self, *parts: str, dataset: str, shots: int, seed: int, trainer: str = "", cfg: str = "") -> Path:
+        return self.output.joinpath(self.protocol, *parts, dataset, f"shots_{shots}", trainer or self.trainer,
+                                    cfg or self.run_cfg, f"seed{seed}" if seed >= 0 else "unseeded")
+
+    def prompt_source(self, part: str, dataset: str, shots: int, seed: int) -> Path | None:
+        """The training run of ``prompts_from`` whose prompts a training-free run starts from."""
+        if not self.prompts_from:
+            return None
+        trainer, cfg = self.prompts_from.split("/")
+        return self.folder(part, dataset=dataset, shots=shots, seed=seed, trainer=trainer, cfg=cfg)
+
+    def missing_prompt_sources(self) -> list[Path]:
+        """``prompts_from`` runs that the chains need but that have not finished."""
+        needed = {run.model_dir for chain in self.chains() for run in chain if run.model_dir is not None}
+        return sorted(d for d in needed if not (d / RESULTS_FILENAME).is_file())
 
     def chains(self) -> list[list[Run]]:
         """Lists of runs; each list runs in order, lists run in parallel."""
@@ -112,7 +141,8 @@ class Sweep:
         fewshot = ["DATASET.NUM_SHOTS", str(shots)]
         if self.protocol == "fewshot":
             return [[self._run(self.folder(dataset=d, shots=shots, seed=seed), d, seed, fewshot,
-                               eval_only=not self.trains)] for d in self.datasets]
+                               eval_only=not self.trains, model_dir=self.prompt_source("", d, shots, seed))]
+                    for d in self.datasets]
         if self.protocol == "base2new" and not self.source:
             chains = []
             for d in self.datasets:
@@ -125,15 +155,17 @@ class Sweep:
                                      fewshot + new, eval_only=True, model_dir=train.output_dir)
                     chains.append([train, test])
                 else:
+                    prompts = self.prompt_source("train_base", d, shots, seed)
                     chains.append([self._run(self.folder(f"test_{sub}", dataset=d, shots=shots, seed=seed), d,
-                                             seed, fewshot + ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True)
+                                             seed, fewshot + ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True,
+                                             model_dir=prompts)
                                    for sub in ("base", "new")])
             return chains
         # one source training, then eval-only on each target (xd, dg, base2new with --source)
         if not self.source:
             raise SystemExit(f"error: protocol {self.protocol} needs a source dataset (--source / SOURCE)")
         chain: list[Run] = []
-        model_dir = None
+        model_dir = self.prompt_source("train", self.source, shots, seed)
         if self.trains:
             train = self._run(self.folder("train", dataset=self.source, shots=shots, seed=seed), self.source,
                               seed, fewshot)
@@ -149,6 +181,8 @@ class Sweep:
 
     def _run(self, folder: Path, dataset: str, seed: int, opts: list[str], eval_only: bool = False,
              model_dir: Path | None = None) -> Run:
+        if self.method_name:  # a user's own TRAINER.METHOD_NAME in extra_opts comes later and wins
+            opts = opts + ["TRAINER.METHOD_NAME", self.method_name]
         return Run(folder, dataset, opts + ["SEED", str(seed)], eval_only, model_dir)
 
     def command(self, run: Run) -> list[str]:
@@ -270,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", nargs="+", type=int, help="[16; fewshot: 1 2 4 8 16]")
     p.add_argument("--backbone", default="")
     p.add_argument("--output", default="output")
+    p.add_argument("--prompts-from", default="",
+                   help="<Trainer>/<cfg> whose trained prompts a training-free method starts from, e.g. "
+                        "CoOp/bench for TPT+CoOp (that sweep must have run in the same --output)")
     p.add_argument("--jobs", type=int, default=0,
                    help="worker processes; 0 = one per GPU, else one per CPU core [0]")
     p.epilog = "Extra KEY VALUE config options for train.py go after a '--'."
@@ -297,7 +334,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     sweep = Sweep(args.protocol, args.trainer, args.cfg, args.data, args.datasets, args.seeds, args.shots,
-                  Path(args.output).resolve(), args.source, args.backbone, list(args.opts or []))
+                  Path(args.output).resolve(), args.source, args.backbone, list(args.opts or []), args.prompts_from)
+    missing = sweep.missing_prompt_sources()
+    if missing:
+        trainer = args.prompts_from.split("/")[0]
+        print(f"error: {len(missing)} {args.prompts_from} run(s) that --prompts-from needs have not finished, "
+              f"e.g. {missing[0]}; run that method's {args.protocol} sweep with the same output, seeds and "
+              f"shots first (e.g. CFG={args.prompts_from.split('/')[1]} bash scripts/{trainer.lower()}/"
+              f"{args.protocol}.sh)", file=sys.stderr)
+        return 2
     return 0 if execute(sweep, args.jobs) else 1
 
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from selftpt.sweep import Sweep, default_datasets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +29,24 @@ def test_training_free_methods_are_evaluated_on_base_and_new():
     (base, new), = sweep(trainer="TPT").chains()
     assert base.eval_only and new.eval_only and base.model_dir is None
     assert "test_base" in base.output_dir.parts and "test_new" in new.output_dir.parts
+
+
+def test_tpt_plus_coop_starts_each_test_from_the_matching_coop_run(tmp_path):
+    tpt = sweep(trainer="TPT", prompts_from="CoOp/bench", seeds=[2], output=tmp_path)
+    (base, new), = tpt.chains()
+    coop = tmp_path / "base2new/train_base/shapeworld/shots_2/CoOp/bench/seed2"
+    assert base.model_dir == new.model_dir == coop
+    assert base.output_dir.parent.name == "bench+CoOp-bench"  # never plain TPT's folder
+    assert base.opts[-4:] == ["TRAINER.METHOD_NAME", "TPT+CoOp", "SEED", "2"]
+    assert tpt.missing_prompt_sources() == [coop]
+    coop.mkdir(parents=True)
+    (coop / "results.json").write_text("{}")
+    assert tpt.missing_prompt_sources() == []
+    (run,), = sweep("xd", trainer="TPT", prompts_from="CoOp/bench", source="shapeworld",
+                    datasets=["moreshapes"]).chains()
+    assert run.model_dir == Path("/o/xd/train/shapeworld/shots_2/CoOp/bench/seed1")
+    with pytest.raises(SystemExit, match="training-free"):
+        sweep(trainer="CoOp", prompts_from="CoOp/bench")
 
 
 def test_cross_dataset_trains_once_per_seed_then_tests_every_target():
