@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ece", action="store_true", help="add expected calibration error")
     p.add_argument("--source", help="source dataset of xd/dg tables: listed first, not averaged")
     p.add_argument("--methods", nargs="+", help="only these methods, in this order")
+    p.add_argument("--grad-cos", action="store_true",
+                   help="also print cos(grad L_cpt, grad L_ce) per epoch for methods that record it")
     p.add_argument("--list-runs", action="store_true", help="print every run found, then exit")
     p.add_argument("--plot", metavar="PNG",
                    help="accuracy vs images/s plot (needs --efficiency); accuracy is the first "
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     tabs, notes = tables.build_tables(found.runs, seeds=seeds, ddof=int(args.std == "sample"),
                                       ece=args.ece, source=args.source, methods=args.methods)
     notes = found.notes + notes
+    if args.grad_cos:
+        alignment = tables.gradient_alignment_table(found.runs, ddof=int(args.std == "sample"))
+        tabs += [alignment] if alignment else []
+        if not alignment:
+            notes.append("--grad-cos: no run recorded grad_cos_per_epoch (Self-TPT training runs do)")
     if args.list_runs:
         _print_notes(notes)
         return 0

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from selftpt import dassl_log
 from selftpt.results import RESULTS_FILENAME, ResultsFileError, read_results
@@ -82,6 +82,7 @@ class Run:
     source: Path  # the results file or log it came from
     origin: str  # "results" | "log"
     config_digest: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)  # results.json "extra"
 
     @property
     def key(self) -> "GroupKey":
@@ -161,6 +162,7 @@ def _run_from_results(path: Path) -> Run:
         source=path,
         origin="results",
         config_digest=rec["config_digest"],
+        extra=rec.get("extra") or {},
     )
 
 

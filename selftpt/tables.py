@@ -355,6 +355,33 @@ _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{
                   "\\": r"\textbackslash{}"}
 
 
+def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0) -> Table | None:
+    """cos(grad L_cpt, grad L_ce) on the context per training epoch (Self-TPT's diagnostic, the
+    paper's gradient-alignment figure), per method: mean ± std over every training run found
+    (datasets x seeds). None when no run recorded it."""
+    curves: dict[str, list[list[float]]] = defaultdict(list)
+    for r in runs:
+        if r.extra.get("grad_cos_per_epoch"):
+            curves[r.method].append([float(c) for c in r.extra["grad_cos_per_epoch"]])
+    if not curves:
+        return None
+    epochs = max(len(c) for cs in curves.values() for c in cs)
+    table = Table("Gradient alignment", "", ["Method", "runs"] + [f"ep {e + 1}" for e in range(epochs)], [])
+    for method in sorted(curves, key=_method_rank):
+        row: list[str | Cell] = [method, str(len(curves[method]))]
+        for e in range(epochs):
+            values = [c[e] for c in curves[method] if len(c) > e]
+            mean = sum(values) / len(values) if values else None
+            std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - ddof))
+                   if values and len(values) > ddof else None)
+            row.append(Cell(mean, std, len(values)))
+        table.rows.append(row)
+    table.caption = (f"cos(grad L_cpt, grad L_ce) on the prompt context, mean ± {_std_name(ddof)} over the "
+                     "training runs (datasets x seeds) that recorded it; positive = the self-supervised task "
+                     "pushes the context the way classification does.")
+    return table
+
+
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 

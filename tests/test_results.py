@@ -394,3 +394,18 @@ def test_plot_png_is_written(b2n_tree, tmp_path, capsys):
     png = tmp_path / "cli.png"
     assert parse_results.main([str(b2n_tree), "--plot", str(png), "--efficiency", str(eff)]) == 0
     assert png.stat().st_size > 5000
+
+
+def test_gradient_alignment_per_epoch_from_results_files(tmp_path, capsys):
+    curves = {("SelfTPT", 1): [0.1, 0.5], ("SelfTPT", 2): [0.3, 0.7], ("CoOp", 1): []}
+    for (trainer, seed), curve in curves.items():
+        out = b2n_dir(tmp_path, "base", "Caltech101", trainer, seed)
+        cfg = tiny_cfg(trainer=trainer, sub="base", seed=seed, output_dir=out)
+        write_results(out, make_record(cfg, {"accuracy": 50.0}, 10, extra={"grad_cos_per_epoch": curve}))
+    table = tables.gradient_alignment_table(collect.collect_runs([tmp_path]).runs)
+    (row,) = table.rows  # CoOp recorded no curve
+    assert row[:2] == ["SelfTPT", "2"]
+    assert [c.mean for c in row[2:]] == pytest.approx([0.2, 0.6])
+    assert [c.std for c in row[2:]] == pytest.approx([0.1, 0.1])  # population std of two runs
+    assert parse_results.main([str(tmp_path), "--grad-cos", "--seeds", "1", "2"]) == 0
+    assert "== Gradient alignment ==" in capsys.readouterr().out
