@@ -126,6 +126,8 @@ class Sweep:
 
     def missing_prompt_sources(self) -> list[Path]:
         """``prompts_from`` runs that the chains need but that have not finished."""
+        if not self.prompts_from:
+            return []
         needed = {run.model_dir for chain in self.chains() for run in chain if run.model_dir is not None}
         return sorted(d for d in needed if not (d / RESULTS_FILENAME).is_file())
 

@@ -59,25 +59,53 @@ def test_cross_dataset_trains_once_per_seed_then_tests_every_target():
                                                             "imagenet_r"])
 
 
-def test_selftpt_base2new_script_runs_skips_and_prints_the_table(tmp_path):
-    # DATA unset: the built-in benchmark, generated under SELFTPT_DATA
-    env = dict(os.environ, SELFTPT_DATA=str(tmp_path / "data"), DATASETS="shapeworld", SEEDS="1", SHOTS="1",
-               OUTPUT=str(tmp_path / "out"), PYTHON=os.environ.get("PYTHON", "python"))
+def script_env(tmp_path, **settings):
+    """Environment for scripts/*: DATA unset (the built-in benchmark, generated under SELFTPT_DATA)."""
+    env = dict(os.environ, SELFTPT_DATA=str(tmp_path / "data"), OUTPUT=str(tmp_path / "out"),
+               PYTHON=os.environ.get("PYTHON", "python"), **settings)
     env.pop("DATA", None)
     env["PATH"] = f"{Path(os.sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def base_and_new(out, trainer, shots=1):
+    """(base, new) results of one seed-1 base-to-new run on ShapeWorld."""
+    return tuple(json.loads((out / f"base2new/{part}/shapeworld/shots_{shots}/{trainer}/bench/seed1/results.json")
+                            .read_text()) for part in ("train_base", "test_new"))
+
+
+def test_selftpt_base2new_script_runs_skips_and_prints_the_table(tmp_path):
+    env = script_env(tmp_path, DATASETS="shapeworld", SEEDS="1", SHOTS="1")
     cmd = ["bash", "scripts/selftpt/base2new.sh", "OPTIM.MAX_EPOCH", "1", "TRAINER.SELFTPT.TTA_STEPS", "2"]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "[1/2] ran" in first.stdout and "[2/2] ran" in first.stdout
     assert "ShapeWorld" in first.stdout and "HM" in first.stdout  # the closing table
-    run = tmp_path / "out/base2new/train_base/shapeworld/shots_1/SelfTPT/bench/seed1"
-    new = tmp_path / "out/base2new/test_new/shapeworld/shots_1/SelfTPT/bench/seed1"
-    base_rec, new_rec = (json.loads((d / "results.json").read_text()) for d in (run, new))
+    base_rec, new_rec = base_and_new(tmp_path / "out", "SelfTPT")
     assert base_rec["subsample_classes"] == "base" and new_rec["subsample_classes"] == "new"
+    assert base_rec["metrics"]["accuracy"] > 2 * 100 / 32 < new_rec["metrics"]["accuracy"]  # 32 classes a half
+    run = tmp_path / "out/base2new/train_base/shapeworld/shots_1/SelfTPT/bench/seed1"
     stamp = (run / "results.json").stat().st_mtime_ns
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("skipped (finished)") == 2
     assert (run / "results.json").stat().st_mtime_ns == stamp  # nothing finished is rewritten
+
+
+def test_coop_then_tpt_plus_coop_on_the_benchmark(tmp_path):
+    # the CI-sized base-to-new run of CoOp, then TPT started from its prompts (2 views, 1 step)
+    env = script_env(tmp_path, DATASETS="shapeworld", SEEDS="1", SHOTS="1", TABLE="0")
+    coop = subprocess.run(["bash", "scripts/coop/base2new.sh", "OPTIM.MAX_EPOCH", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert coop.returncode == 0, coop.stdout + coop.stderr
+    base_rec, new_rec = base_and_new(tmp_path / "out", "CoOp")
+    assert base_rec["metrics"]["accuracy"] > 2 * 100 / 32 < new_rec["metrics"]["accuracy"]
+    env.update(PROMPTS_FROM="CoOp/bench", TABLE="1")
+    tpt = subprocess.run(["bash", "scripts/tpt/base2new.sh", "DATASET.NUM_SHOTS", "1", "TRAINER.TPT.N_VIEWS", "2",
+                          "TEST.SPLIT", "val"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert tpt.returncode == 0, tpt.stdout + tpt.stderr
+    assert "TPT+CoOp" in tpt.stdout  # its own row in the closing table
+    rec = json.loads(next((tmp_path / "out/base2new/test_base").rglob("TPT/*/seed1/results.json")).read_text())
+    assert rec["method"] == "TPT+CoOp"
 
 
 def test_script_help_and_unknown_dataset():
