@@ -186,7 +186,7 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
         return {}  # TEST.NO_TEST: nothing was evaluated
     result = trainer.test_result
     record = make_record(cfg, result["metrics"], result["num_images"],
-                         extra={"split_evaluated": result["split"],
+                         extra={"split_evaluated": result["split"], "timing": result.get("timing", {}),
                                 "skipped_images": result.get("skipped_images", []),
                                 **getattr(trainer, "result_extra", {})})
     path = write_results(cfg.OUTPUT_DIR, record)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import time
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -192,7 +193,12 @@ class ClipTrainer(TrainerX):
             yield self.model_inference(images), labels
 
     def test(self, split: str | None = None) -> float:
-        """Dassl's evaluation loop, plus ECE; keeps the full metrics in ``self.test_result``."""
+        """Dassl's evaluation loop, plus ECE and wall times; keeps the full metrics in ``self.test_result``.
+
+        Timing: ``prepare_seconds`` is the one-time cost per class set (text features; Self-TPT's
+        class-name adaptation), ``eval_seconds`` the loop over the images, data loading and
+        test-time views included, i.e. what a user waits for.
+        """
         self.set_model_mode("eval")
         self.evaluator.reset()
         split = split or self.cfg.TEST.SPLIT
@@ -200,7 +206,9 @@ class ClipTrainer(TrainerX):
             data_loader = self.val_loader
         else:
             split, data_loader = "test", self.test_loader
+        started = time.perf_counter()
         self.prepare_for_test()
+        prepared = time.perf_counter()
         print(f"Evaluate on the *{split}* set")
         confidences, hits = [], []
         n_correct = n_seen = 0
@@ -217,6 +225,7 @@ class ClipTrainer(TrainerX):
                 n_seen += hits[-1].numel()
                 bar.set_postfix(acc=f"{100.0 * n_correct / n_seen:.1f}%", **self.progress_postfix(),
                                 refresh=False)
+        finished = time.perf_counter()
         metrics = OrderedDict(self.evaluator.evaluate())
         ece = expected_calibration_error(torch.cat(confidences), torch.cat(hits),
                                          n_bins=self.cfg.TEST.ECE_BINS)
@@ -225,7 +234,11 @@ class ClipTrainer(TrainerX):
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.write_scalar(f"{split}/{key}", value, self.epoch)
-        self.test_result = {"split": split, "metrics": metrics, "num_images": n_seen}
+        timing = {"prepare_seconds": round(prepared - started, 3), "eval_seconds": round(finished - prepared, 3),
+                  "seconds_per_image": round((finished - prepared) / max(n_seen, 1), 5)}
+        print(f"* time: {timing['prepare_seconds']:.1f}s one-time, {timing['eval_seconds']:.1f}s for {n_seen} "
+              f"images ({1000 * timing['seconds_per_image']:.1f} ms per image)")
+        self.test_result = {"split": split, "metrics": metrics, "num_images": n_seen, "timing": timing}
         if self.skipped_images:
             print(f"Skipped {len(self.skipped_images)} unreadable images (DATASET.SKIP_CORRUPT_IMAGES), "
                   f"e.g. {sorted(self.skipped_images)[0]}")
