@@ -13,6 +13,7 @@ import difflib
 import functools
 import os
 import os.path as osp
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -70,7 +71,25 @@ def _merge_file(cfg: Any, path: str, what: str) -> None:
     try:
         cfg.merge_from_file(path)
     except KeyError as exc:  # yacs: "Non-existent config key: X"
-        raise UserError(f"{path}: {exc.args[0] if exc.args else exc} (unknown config key; check its spelling)") from None
+        raise UserError(f"{path}: {_key_error(cfg, exc)}") from None
+
+
+def _config_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every full key of a yacs config, e.g. ``OPTIM.LR``."""
+    keys = []
+    for name, value in node.items():
+        keys += _config_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"]
+    return keys
+
+
+def _key_error(cfg: Any, exc: Exception) -> str:
+    """yacs's message; for an unknown key ("Non-existent [config] key: X") plus the closest known key."""
+    message = str(exc.args[0] if exc.args else exc)
+    match = re.search(r"Non-existent (?:config )?key: ([\w.]+)", message)
+    if not match:
+        return message
+    close = difflib.get_close_matches(match.group(1), _config_keys(cfg), n=1, cutoff=0.6)
+    return f"{message} ({f'did you mean {close[0]}?' if close else 'unknown config key; check its spelling'})"
 
 
 def setup_cfg(args: argparse.Namespace) -> Any:
@@ -104,7 +123,7 @@ def setup_cfg(args: argparse.Namespace) -> Any:
     try:
         cfg.merge_from_list(opts)
     except (KeyError, AssertionError, ValueError) as exc:
-        raise UserError(f"Command-line option: {exc.args[0] if exc.args else exc}") from None
+        raise UserError(f"Command-line option: {_key_error(cfg, exc)}") from None
     cfg.freeze()
     return cfg
 

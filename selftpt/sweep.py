@@ -235,6 +235,8 @@ def _run_chain(sweep: Sweep, chain: list[Run]) -> list[tuple[Run, str]]:
                 contextlib.redirect_stderr(messages):
             try:
                 code = launch.main(sweep.command(run)[2:])
+            except SystemExit as exc:  # argparse's way of refusing arguments
+                code = exc.code if isinstance(exc.code, int) else 2
             except Exception as exc:  # one failed run must not take the other chains down
                 code = 1
                 print(f"{type(exc).__name__}: {exc}", file=messages)

@@ -122,3 +122,14 @@ def test_zero_shot_clip_runs_once_unseeded():
     chains = sweep(trainer="ZeroshotCLIP", seeds=[1, 2, 3]).chains()
     assert len(chains) == 1 and all(r.output_dir.name == "unseeded" and r.opts[-2:] == ["SEED", "-1"]
                                      for r in chains[0])
+
+
+def test_failed_run_is_reported_in_one_line_and_the_sweep_fails(tmp_path, capsys):
+    from selftpt.sweep import main as sweep_main
+    code = sweep_main(["base2new", "--trainer", "CoOp", "--cfg", "bench", "--datasets", "shapeworld",
+                       "--seeds", "1", "--output", str(tmp_path), "--jobs", "1", "--", "OPTIM.LRR", "0.1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[1/2] FAILED: error: Command-line option: Non-existent key: OPTIM.LRR (did you mean OPTIM.LR?)" in out
+    assert "[2/2]" not in out  # the chain stops: its test run needs the training run
+    assert not list(tmp_path.rglob("results.json"))
