@@ -187,8 +187,9 @@ class Sweep:
             opts = opts + ["TRAINER.METHOD_NAME", self.method_name]
         return Run(folder, dataset, opts + ["SEED", str(seed)], eval_only, model_dir)
 
-    def command(self, run: Run) -> list[str]:
-        cmd = [sys.executable, str(REPO / "train.py"), "--trainer", self.trainer,
+    def train_args(self, run: Run) -> list[str]:
+        """``train.py``'s arguments for ``run`` (what a user would type after ``python train.py``)."""
+        cmd = ["--trainer", self.trainer,
                "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{run.dataset}.yaml"),
                "--config-file", str(REPO / "configs" / "trainers" / self.trainer / f"{self.cfg}.yaml"),
                "--output-dir", str(run.output_dir)]
@@ -234,7 +235,7 @@ def _run_chain(sweep: Sweep, chain: list[Run]) -> list[tuple[Run, str]]:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), \
                 contextlib.redirect_stderr(messages):
             try:
-                code = launch.main(sweep.command(run)[2:])
+                code = launch.main(sweep.train_args(run))
             except SystemExit as exc:  # argparse's way of refusing arguments
                 code = exc.code if isinstance(exc.code, int) else 2
             except Exception as exc:  # one failed run must not take the other chains down
