@@ -375,6 +375,7 @@ def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0) -> Table | None
             std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - ddof))
                    if values and len(values) > ddof else None)
             row.append(Cell(mean, std, len(values)))
+            table.records.append(_record(table.title, {"method": method, "epoch": e + 1}, "grad_cos", row[-1]))
         table.rows.append(row)
     table.caption = (f"cos(grad L_cpt, grad L_ce) on the prompt context, mean ± {_std_name(ddof)} over the "
                      "training runs (datasets x seeds) that recorded it; positive = the self-supervised task "

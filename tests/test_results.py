@@ -409,3 +409,6 @@ def test_gradient_alignment_per_epoch_from_results_files(tmp_path, capsys):
     assert [c.std for c in row[2:]] == pytest.approx([0.1, 0.1])  # population std of two runs
     assert parse_results.main([str(tmp_path), "--grad-cos", "--seeds", "1", "2"]) == 0
     assert "== Gradient alignment ==" in capsys.readouterr().out
+    assert parse_results.main([str(tmp_path), "--grad-cos", "--seeds", "1", "2", "--format", "csv"]) == 0
+    rows = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["metric"] == "grad_cos"]
+    assert [(r["epoch"], float(r["mean"])) for r in rows] == [("1", pytest.approx(0.2)), ("2", pytest.approx(0.6))]
