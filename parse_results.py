@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                       ece=args.ece, source=args.source, methods=args.methods)
     notes = found.notes + notes
     if args.grad_cos:
-        alignment = tables.gradient_alignment_table(found.runs, ddof=int(args.std == "sample"))
+        alignment = tables.gradient_alignment_table(found.runs, ddof=int(args.std == "sample"),
+                                                     methods=args.methods)
         tabs += [alignment] if alignment else []
         if not alignment:
             notes.append("--grad-cos: no run recorded grad_cos_per_epoch (Self-TPT training runs do)")

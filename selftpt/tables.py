@@ -355,13 +355,14 @@ _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{
                   "\\": r"\textbackslash{}"}
 
 
-def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0) -> Table | None:
+def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0,
+                             methods: Sequence[str] | None = None) -> Table | None:
     """cos(grad L_cpt, grad L_ce) on the context per training epoch (Self-TPT's diagnostic, the
     paper's gradient-alignment figure), per method: mean ± std over every training run found
-    (datasets x seeds). None when no run recorded it."""
+    (datasets x seeds); only ``methods`` when given. None when no run recorded it."""
     curves: dict[str, list[list[float]]] = defaultdict(list)
     for r in runs:
-        if r.extra.get("grad_cos_per_epoch"):
+        if r.extra.get("grad_cos_per_epoch") and (not methods or r.method in methods):
             curves[r.method].append([float(c) for c in r.extra["grad_cos_per_epoch"]])
     if not curves:
         return None

@@ -407,6 +407,7 @@ def test_gradient_alignment_per_epoch_from_results_files(tmp_path, capsys):
     assert row[:2] == ["SelfTPT", "2"]
     assert [c.mean for c in row[2:]] == pytest.approx([0.2, 0.6])
     assert [c.std for c in row[2:]] == pytest.approx([0.1, 0.1])  # population std of two runs
+    assert tables.gradient_alignment_table(collect.collect_runs([tmp_path]).runs, methods=["CoOp"]) is None
     assert parse_results.main([str(tmp_path), "--grad-cos", "--seeds", "1", "2"]) == 0
     assert "== Gradient alignment ==" in capsys.readouterr().out
     assert parse_results.main([str(tmp_path), "--grad-cos", "--seeds", "1", "2", "--format", "csv"]) == 0
