@@ -371,11 +371,8 @@ def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0,
     for method in sorted(curves, key=_method_rank):
         row: list[str | Cell] = [method, str(len(curves[method]))]
         for e in range(epochs):
-            values = [c[e] for c in curves[method] if len(c) > e]
-            mean = sum(values) / len(values) if values else None
-            std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - ddof))
-                   if values and len(values) > ddof else None)
-            row.append(Cell(mean, std, len(values)))
+            runs_at_epoch = [c[e] for c in curves[method] if len(c) > e]
+            row.append(seed_cell(dict(enumerate(runs_at_epoch)), None, ddof))  # runs in place of seeds
             table.records.append(_record(table.title, {"method": method, "epoch": e + 1}, "grad_cos", row[-1]))
         table.rows.append(row)
     table.caption = (f"cos(grad L_cpt, grad L_ce) on the prompt context, mean ± {_std_name(ddof)} over the "
