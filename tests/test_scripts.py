@@ -83,7 +83,8 @@ def test_selftpt_base2new_script_runs_skips_and_prints_the_table(tmp_path):
     assert "ShapeWorld" in first.stdout and "HM" in first.stdout  # the closing table
     base_rec, new_rec = base_and_new(tmp_path / "out", "SelfTPT")
     assert base_rec["subsample_classes"] == "base" and new_rec["subsample_classes"] == "new"
-    assert base_rec["metrics"]["accuracy"] > 2 * 100 / 32 < new_rec["metrics"]["accuracy"]  # 32 classes a half
+    chance = 100 / 32  # ShapeWorld: 32 classes in each half
+    assert base_rec["metrics"]["accuracy"] > 2 * chance and new_rec["metrics"]["accuracy"] > 2 * chance
     run = tmp_path / "out/base2new/train_base/shapeworld/shots_1/SelfTPT/bench/seed1"
     stamp = (run / "results.json").stat().st_mtime_ns
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -98,7 +99,8 @@ def test_coop_then_tpt_plus_coop_on_the_benchmark(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert coop.returncode == 0, coop.stdout + coop.stderr
     base_rec, new_rec = base_and_new(tmp_path / "out", "CoOp")
-    assert base_rec["metrics"]["accuracy"] > 2 * 100 / 32 < new_rec["metrics"]["accuracy"]
+    chance = 100 / 32
+    assert base_rec["metrics"]["accuracy"] > 2 * chance and new_rec["metrics"]["accuracy"] > 2 * chance
     env.update(PROMPTS_FROM="CoOp/bench", TABLE="1")
     tpt = subprocess.run(["bash", "scripts/tpt/base2new.sh", "DATASET.NUM_SHOTS", "1", "TRAINER.TPT.N_VIEWS", "2",
                           "TEST.SPLIT", "val"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
