@@ -1,9 +1,11 @@
 """TPT's test-time views of one image (Shu et al., NeurIPS 2022), for TPT and Self-TPT-v.
 
-View 0 is the clean image (resize of the shorter side + centre crop); the others are
-random resized crops with horizontal flips and, for fine-grained datasets, an AugMix
-blend applied to the crop (torchvision's ``AugMix`` with TPT's operation set: severity 1,
-no colour/contrast/brightness/sharpness operations, Dirichlet chain weights, Beta mixing).
+As TPT's ``AugMixAugmenter``: view 0 is the clean image (resize of the shorter side + centre
+crop, the config's interpolation: bicubic for CLIP); each other view is a
+``RandomResizedCrop`` at torchvision's defaults (scale (0.08, 1), bilinear) followed by a
+horizontal flip and, for all but ImageNet and its variants, an AugMix blend of that flipped
+crop (``selftpt.augmix``: Hendrycks et al.'s operations at severity 1, mixed in normalised
+float space). Without AugMix an augmented view is the preprocessed crop + flip alone.
 """
 from __future__ import annotations
 
@@ -13,15 +15,28 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from selftpt.augmix import augmix as augmix_blend
+
 # TPT applies no AugMix to ImageNet and its variants (single-letter set ids in its code).
 NO_AUGMIX_DATASETS = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 
+# TPT's ``get_preaugment`` is ``RandomResizedCrop(224)`` with torchvision's defaults; spelled
+# out so that a change of torchvision's defaults cannot change the views.
+CROP_SCALE = (0.08, 1.0)
+CROP_INTERPOLATION = T.InterpolationMode.BILINEAR
+AUGMIX_SEVERITY = 1
+
 
 def use_augmix(setting: str, dataset_name: str) -> bool:
-    """Resolve an ``AUGMIX`` key (auto | on | off) for a dataset as TPT does."""
+    """Resolve an ``AUGMIX`` key (auto | on | off) for a dataset as TPT does.
+
+    Args:
+        setting: ``auto`` (off for ImageNet and its variants, on elsewhere), ``on`` or ``off``.
+        dataset_name: the config's ``DATASET.NAME``.
+    """
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"AUGMIX must be auto, on or off; got {setting!r}")
     if setting == "auto":
@@ -37,7 +52,8 @@ class TestTimeViews:
         n_views: total views including the clean one (TPT: 64).
         augmix: blend AugMix chains into the augmented views.
         mean, std: normalisation (CLIP's).
-        interpolation: resize interpolation name.
+        interpolation: interpolation name of the clean view's resize (the augmented crops
+            are bilinear whatever this is, as in TPT).
     """
 
     def __init__(self, size: Sequence[int], n_views: int = 64, augmix: bool = False,
@@ -47,24 +63,43 @@ class TestTimeViews:
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
         size = tuple(size)
-        mode = INTERPOLATIONS[interpolation]
-        finish = [T.ToTensor(), T.Normalize(mean, std)]
         self.n_views = n_views
-        self.clean = T.Compose([T.Resize(max(size), interpolation=mode), T.CenterCrop(size), *finish])
-        augment = [T.RandomResizedCrop(size, interpolation=mode), T.RandomHorizontalFlip()]
-        if augmix:
-            augment.append(T.AugMix(severity=1, mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False))
-        self.augmented = T.Compose([*augment, *finish])
+        self.augmix = augmix
+        self.base = T.Compose([T.Resize(max(size), interpolation=INTERPOLATIONS[interpolation]),
+                               T.CenterCrop(size)])
+        self.preaugment = T.Compose([T.RandomResizedCrop(size, scale=CROP_SCALE,
+                                                         interpolation=CROP_INTERPOLATION),
+                                     T.RandomHorizontalFlip()])
+        self.preprocess = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
 
     @classmethod
     def from_cfg(cls, cfg, n_views: int, augmix: str) -> "TestTimeViews":
-        """Views sized and normalised as the config's input, AugMix per ``use_augmix``."""
+        """Views sized and normalised as the config's input, AugMix per ``use_augmix``.
+
+        Args:
+            cfg: the run's config (``INPUT.*``, ``DATASET.NAME``).
+            n_views: total views including the clean one.
+            augmix: the ``AUGMIX`` setting (auto | on | off).
+        """
         return cls(cfg.INPUT.SIZE, n_views, use_augmix(augmix, cfg.DATASET.NAME), cfg.INPUT.PIXEL_MEAN,
                    cfg.INPUT.PIXEL_STD, cfg.INPUT.INTERPOLATION)
 
+    def clean_view(self, image: Image.Image) -> torch.Tensor:
+        """The deterministic view 0, (3, H, W)."""
+        return self.preprocess(self.base(image))
+
+    def augmented_view(self, image: Image.Image) -> torch.Tensor:
+        """One random view, (3, H, W): crop, flip, then AugMix when on."""
+        crop = self.preaugment(image)
+        if not self.augmix:
+            return self.preprocess(crop)
+        return augmix_blend(crop, self.preprocess, severity=AUGMIX_SEVERITY)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        views = [self.clean(image)] + [self.augmented(image) for _ in range(self.n_views - 1)]
+        views = [self.clean_view(image)] + [self.augmented_view(image) for _ in range(self.n_views - 1)]
         return torch.stack(views)  # (n_views, 3, H, W)
 
     def __repr__(self) -> str:
-        return f"TestTimeViews(n_views={self.n_views}, clean={self.clean}, augmented={self.augmented})"
+        return (f"TestTimeViews(n_views={self.n_views}, clean={self.base}, augmented={self.preaugment}, "
+                f"augmix={'severity ' + str(AUGMIX_SEVERITY) if self.augmix else 'off'}, "
+                f"preprocess={self.preprocess})")
