@@ -77,27 +77,6 @@ def available_backbones() -> list[str]:
     return list(clip.available_models()) + sorted(BUILTIN_BACKBONES)
 
 
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """Map ``auto`` to fp16 on CUDA (as CoOp) and fp32 elsewhere; refuse fp16/amp off CUDA.
-
-    Args:
-        precision: one of ``fp16``, ``fp32``, ``amp``, ``auto``.
-        device: where the model will run.
-    """
-    on_cuda = torch.device(device).type == "cuda"
-    if precision == "auto":
-        return "fp16" if on_cuda else "fp32"
-    if precision not in ("fp16", "fp32", "amp"):
-        raise BackboneError(f"Unknown precision {precision!r}; use one of fp16, fp32, amp, auto")
-    if precision in ("fp16", "amp") and not on_cuda:
-        warnings.warn(
-            f"PREC={precision} needs a CUDA device; running in fp32 on {torch.device(device).type} "
-            "(set TRAINER.<NAME>.PREC fp32 or auto to silence this)"
-        )
-        return "fp32"
-    return precision
-
-
 def build_random_clip(arch: str | dict[str, Any], seed: int | None = 0) -> CLIP:
     """A CLIP model of a named (or given) architecture with random fp32 weights.
 
@@ -170,7 +149,7 @@ def load_clip(name: str, path: str = "", device: str | torch.device = "cpu",
         name: backbone name (``ViT-B/16``, a built-in benchmark backbone) or a file path.
         path: optional local file with the weights; takes precedence over downloading.
         device: target device.
-        precision: ``fp16`` keeps CLIP's half weights (CUDA only); ``fp32``/``amp`` load fp32.
+        precision: ``fp16`` keeps CLIP's half weights; ``fp32``/``amp`` load fp32 (``selftpt.precision``).
     """
     state_dict = read_state_dict(resolve_backbone_file(name, path))
     try:
@@ -191,13 +170,18 @@ def save_state_dict(model: CLIP, path: str | os.PathLike, half: bool = True) -> 
     os.replace(tmp, path)
 
 
+def token_count(text: str) -> int:
+    """BPE tokens of ``text`` without the start and end tokens (CoOp's ``name_lens``)."""
+    return len(clip.clip._tokenizer.encode(text))
+
+
 def tokenize(texts: str | list[str], context_length: int) -> torch.Tensor:
     """Tokenise with the model's own context length; an over-long text names itself."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     try:
         return clip.tokenize(texts, context_length=context_length)
     except RuntimeError:
-        long = next(t for t in texts if len(clip.clip._tokenizer.encode(t)) + 2 > context_length)
+        long = next(t for t in texts if token_count(t) + 2 > context_length)
         raise ValueError(
             f"Text {long!r} is longer than the text encoder's context length ({context_length} tokens); "
             "shorten the class name or the prompt template"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from yacs.config import CfgNode as CN
 
-PRECISIONS = ("fp16", "fp32", "amp", "auto")
-
 
 def _prompt_node(n_ctx: int, ctx_init: str) -> CN:
     node = CN()
@@ -35,8 +33,11 @@ def extend_cfg(cfg: CN) -> CN:
 
     cfg.TRAINER.COCOOP = _prompt_node(16, "")
 
-    cfg.TRAINER.ZSCLIP = CN()
+    cfg.TRAINER.ZSCLIP = CN()  # ZeroshotCLIP and ZeroshotCLIP2
     cfg.TRAINER.ZSCLIP.PREC = "auto"
+    # ZeroshotCLIP2's templates (selftpt.templates.ENSEMBLES): coop_select (CoOp's 7 ImageNet
+    # templates + the dataset's own, except on ImageNet) | clip80 (CLIP's 80 ImageNet templates)
+    cfg.TRAINER.ZSCLIP.ENSEMBLE = "coop_select"
 
     # TPT (Shu et al., NeurIPS 2022): per-image entropy minimisation over augmented views.
     cfg.TRAINER.TPT = _prompt_node(4, "a photo of a")
@@ -56,7 +57,9 @@ def extend_cfg(cfg: CN) -> CN:
     s.HANDCRAFTED_TEMPLATE = ""  # "" = the dataset's template, e.g. "a photo of a {}." [ours]
     s.HEAD = "mlp"  # mlp | linear | none [ours]
     s.TEMPERATURE = 0.07  # tau of the supervised contrastive loss [ours]
-    s.CPT_MAX_CLASSES = 64  # class names per CPT step (bounded memory) [ours]
+    # Class names per CPT forward (bounded memory) [ours]. Stage 1 samples this many per batch
+    # (the batch's classes included); stage 2 visits every class in each step, in chunks of it.
+    s.CPT_MAX_CLASSES = 64
     s.GRAD_CHECKPOINT = False  # checkpoint the text transformer during CPT
     # Stage 1: L = L_ce + LAMBDA_CPT * L_cpt + LAMBDA_GM * L_gm
     s.USE_CPT = True
@@ -64,7 +67,9 @@ def extend_cfg(cfg: CN) -> CN:
     s.LAMBDA_CPT = 1.0  # [ours]
     s.LAMBDA_GM = 1.0  # [ours]
     s.GM_EMA = 0.9  # decay alpha of the EMA of the CE gradient [ours]
-    s.GRAD_COS_FREQ = 1  # log cos(grad L_cpt, grad L_ce) every N batches (0 = only when GM is on)
+    # Without GM, measuring cos(grad L_cpt, grad L_ce) costs two extra backward passes: every
+    # N batches (batch 0 of each epoch included), 0 = never. With GM it is free: every batch.
+    s.GRAD_COS_FREQ = 10
     # Stage 2: test-time adaptation on the target class names
     s.TTA = True
     s.TTA_STEPS = 10  # [ours]

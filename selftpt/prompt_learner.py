@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selftpt.clip_loader import tokenize
+from selftpt.clip_loader import token_count, tokenize
 
 POSITIONS = ("end", "middle", "front")
 
@@ -50,19 +50,23 @@ class PromptLearner(nn.Module):
         object.__setattr__(self, "_token_embedding", clip_model.token_embedding)
         ctx_dim = clip_model.ln_final.weight.shape[0]
         ctx_init = ctx_init.replace("_", " ").strip()
+        if ctx_init and csc:
+            # CoOp initialises one shared context from the words and never reads CSC then.
+            print("Note: CSC is ignored with CTX_INIT (as in CoOp): the context is shared by all classes")
+            csc = False
         if ctx_init:
             n_ctx = len(ctx_init.split(" "))
             with torch.no_grad():
                 init = self.embed_tokens(tokenize(ctx_init, self.context_length))[0, 1:1 + n_ctx]  # (n_ctx, d)
-            if csc:
-                init = init.unsqueeze(0).repeat(len(classnames), 1, 1)
             self.prompt_prefix = ctx_init
         else:
             shape = (len(classnames), n_ctx, ctx_dim) if csc else (n_ctx, ctx_dim)
-            init = torch.empty(shape, dtype=self.dtype)
+            init = torch.empty(shape)
             nn.init.normal_(init, std=0.02)
             self.prompt_prefix = " ".join(["X"] * n_ctx)
-        self.ctx = nn.Parameter(init.clone())  # (n_ctx, d) or (n_cls, n_ctx, d)
+        # An fp32 master copy whatever CLIP's dtype (selftpt/precision.py); rendered in
+        # CLIP's dtype by ``forward``.
+        self.ctx = nn.Parameter(init.float().clone())  # (n_ctx, d) or (n_cls, n_ctx, d)
         self.n_ctx = n_ctx
         self.csc = csc
         self.class_token_position = class_token_position
@@ -89,7 +93,7 @@ class PromptLearner(nn.Module):
         names = [clean_classname(n) for n in classnames]
         device = self.ctx.device
         self.classnames = names
-        self.name_lens = [len(tokenize(n, self.context_length)[0].nonzero()) - 2 for n in names]
+        self.name_lens = [token_count(n) for n in names]  # as CoOp (a "!" inside a name has token id 0)
         prompts = [f"{self.prompt_prefix} {n}." for n in names]
         tokenized = tokenize(prompts, self.context_length)  # (n_cls, L)
         with torch.no_grad():
@@ -113,7 +117,7 @@ class PromptLearner(nn.Module):
         position = position or self.class_token_position
         if position not in POSITIONS:
             raise ValueError(f"Unknown class token position {position!r}; use one of {POSITIONS}")
-        ctx = self.ctx if ctx is None else ctx
+        ctx = (self.ctx if ctx is None else ctx).type(self.dtype)
         if indices is None:
             indices = torch.arange(self.n_cls, device=self.token_prefix.device)
         prefix, suffix = self.token_prefix[indices], self.token_suffix[indices]  # (n, 1, d), (n, *, d)

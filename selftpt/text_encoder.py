@@ -8,9 +8,45 @@ step (CoOp, CPT, TPT's per-image step) several times cheaper.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# The switches that ``torch.nn.attention.sdpa_kernel`` flips, per attention backend.
+_SDPA_SWITCHES = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+}
+
+
+class _AttentionKernels:
+    """Re-enterable ``sdpa_kernel(backends)``: a checkpointed block may be recomputed more than
+    once (once per backward, and double backward is one more)."""
+
+    def __init__(self, backends: list[SDPBackend]) -> None:
+        self.backends = backends
+        self._active: list[contextlib.AbstractContextManager] = []
+
+    def __enter__(self) -> None:
+        self._active.append(sdpa_kernel(self.backends))
+        self._active[-1].__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._active.pop().__exit__(*exc)
+
+
+def same_attention_kernels() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``checkpoint``'s ``context_fn``: recompute a block with the attention kernels that its
+    forward ran with. Self-TPT's gradient matching runs the CPT forward under the math kernel
+    (the fused ones have no double backward); a recompute with the default fused kernel
+    would save other tensors, which checkpointing refuses."""
+    enabled = [backend for backend, is_on in _SDPA_SWITCHES.items() if is_on()]
+    return contextlib.nullcontext(), _AttentionKernels(enabled)
 
 
 def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -67,7 +103,8 @@ class TextEncoder(nn.Module):
         mask = causal_mask(length, x.device)
         for block in self.transformer.resblocks:
             if self.grad_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(residual_block, block, x, mask, use_reentrant=False)
+                x = checkpoint(residual_block, block, x, mask, use_reentrant=False,
+                               context_fn=same_attention_kernels)
             else:
                 x = residual_block(block, x, mask)
         x = x.permute(1, 0, 2)  # (n, L, d)

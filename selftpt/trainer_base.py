@@ -18,11 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from selftpt.calibration import expected_calibration_error
-from selftpt.clip_loader import load_clip, resolve_precision
-from selftpt.config import PRECISIONS
+from selftpt.clip_loader import load_clip
 from selftpt.errors import UserError
 from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
 from selftpt.feature_cache import cached_eval_logits
+from selftpt.precision import PRECISIONS, autocast, make_grad_scaler, resolve_precision
 from selftpt.toolbox import (
     DataManager,
     TrainerX,
@@ -45,6 +45,7 @@ class ClipTrainer(TrainerX):
 
     CFG_NODE = "COOP"
     # What PREC "auto" means on CUDA: CoOp's fp16 weights; TPT uses "amp" (fp32 + autocast).
+    # Other devices run fp32 under "auto"; see selftpt/precision.py for the whole policy.
     AUTO_CUDA_PRECISION = "fp16"
 
     @property
@@ -100,12 +101,9 @@ class ClipTrainer(TrainerX):
 
     # ----------------------------------------------------------------------------- model
     def load_clip_model(self) -> nn.Module:
-        """Load the configured CLIP backbone on CPU in the precision the device supports."""
+        """Load the configured CLIP backbone on CPU in the run's precision (``selftpt.precision``)."""
         cfg = self.cfg
-        prec = self.node.PREC
-        if prec == "auto" and self.device.type == "cuda":
-            prec = self.AUTO_CUDA_PRECISION
-        self.precision = resolve_precision(prec, self.device)
+        self.precision = resolve_precision(self.node.PREC, self.device, self.AUTO_CUDA_PRECISION)
         name = cfg.MODEL.BACKBONE.NAME
         print(f"Loading CLIP (backbone: {name}, precision: {self.precision})")
         clip_model = load_clip(name, cfg.MODEL.BACKBONE.PATH, device="cpu", precision=self.precision)
@@ -143,20 +141,26 @@ class ClipTrainer(TrainerX):
         self.register_model("prompt_learner", model.prompt_learner, self.optim, self.sched)
         self.scaler = self.make_grad_scaler()
 
-    def make_grad_scaler(self) -> torch.amp.GradScaler | None:
-        return torch.amp.GradScaler("cuda") if self.precision == "amp" else None
+    def make_grad_scaler(self, init_scale: float = 2.0 ** 10) -> torch.amp.GradScaler | None:
+        """Dynamic loss scaling in fp16 and amp (tuned parameters are fp32 master copies).
+
+        Prompt gradients are large next to a network's weight gradients: torch's default scale
+        (2^16) overflows fp16 at first and would skip the first steps of a short run.
+        """
+        return make_grad_scaler(self.device, self.precision, init_scale)
 
     def autocast(self) -> torch.autocast:
-        """Mixed precision on CUDA when PREC is amp; a no-op context otherwise."""
-        return torch.autocast("cuda", enabled=self.precision == "amp") if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
+        """Autocast to float16 when PREC is amp (on any device); a no-op context otherwise."""
+        return autocast(self.device, self.precision)
 
     def step(self, loss: torch.Tensor, names: list[str] | None = None,
              scaler: torch.amp.GradScaler | None = None) -> None:
-        """Backward and update (through the GradScaler under amp), as CoOp does."""
+        """Backward and update; through the GradScaler in fp16/amp (a step whose gradients
+        overflowed is skipped and the scale backs off)."""
         if scaler is None:
             self.model_backward_and_update(loss, names)
             return
+        self.detect_anomaly(loss)
         self.model_zero_grad(names)
         scaler.scale(loss).backward()
         for name in self.get_model_names(names):

@@ -114,3 +114,21 @@ def test_class_sampling_keeps_batch_classes_and_bounds_the_rest():
     assert all(len(c) >= 2 for c in chunks) and max(len(c) for c in chunks) <= 5
     with pytest.raises(ValueError, match="two class names"):
         class_chunks(1, 4)
+
+
+@pytest.mark.parametrize("position, text", [("front", "{} a photo of a."), ("middle", "a photo {} of a.")])
+def test_layouts_render_names_with_token_id_zero_as_the_tokenizer_does(clip_model, position, text):
+    # "!" inside a punctuation run is BPE token 0: counting non-zero ids would cut the name short
+    name = "a!#!b"
+    learner = PromptLearner([name, "red square"], clip_model, ctx_init="a photo of a")
+    tokens = tokenize(text.format(name), 32)
+    assert (tokens[0] == 0).sum() > 32 - tokens[0].argmax() - 1  # a 0 id inside the prompt, not only padding
+    expected = clip_model.token_embedding(tokens)[0]
+    assert torch.equal(learner(position)[0], expected)
+
+
+def test_csc_is_ignored_with_ctx_init_as_coop(clip_model, capsys):
+    learner = PromptLearner(NAMES, clip_model, ctx_init="a photo of a", csc=True)
+    assert learner.ctx.shape == (4, 64) and not learner.csc
+    assert "CSC is ignored with CTX_INIT" in capsys.readouterr().out
+    assert PromptLearner(NAMES, clip_model, n_ctx=4, csc=True).ctx.shape == (3, 4, 64)

@@ -7,7 +7,7 @@ import torch
 
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.launch import main
-from selftpt.toolbox import build_trainer
+from selftpt.toolbox import build_trainer, set_random_seed
 from tests.helpers import tiny_cfg, tiny_opts
 
 
@@ -130,3 +130,58 @@ def test_a_single_target_class_is_refused_with_a_clear_message(trained_trainer):
     trained_trainer.model.prompt_learner.set_classnames(["red square"])
     with pytest.raises(UserError, match="at least two"):
         trained_trainer.prepare_for_test()
+
+
+def _spy_cpt_classes(trainer, monkeypatch):
+    """Record the classes of every CPT loss the trainer computes."""
+    seen = []
+    original = trainer.cpt.loss
+    monkeypatch.setattr(trainer.cpt, "loss", lambda model, idx, ctx=None: seen.append(idx.tolist()) or
+                        original(model, idx, ctx=ctx))
+    return seen
+
+
+def test_every_step_of_stage_two_visits_every_class_in_chunks(tiny_data_root, tiny_clip_path, tmp_path,
+                                                              monkeypatch):
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT",
+                   ("OUTPUT_DIR", str(tmp_path / "t"), "SEED", "1", "TRAINER.SELFTPT.CPT_MAX_CLASSES", "2",
+                    "TRAINER.SELFTPT.TTA_STEPS", "2"))
+    trainer = build_trainer(cfg)
+    seen = _spy_cpt_classes(trainer, monkeypatch)
+    trainer.prepare_for_test()
+    with_grad = seen[:6]  # two steps of three chunks each; then the no-grad "after" pass
+    for step in (with_grad[:3], with_grad[3:]):
+        assert sorted(c for chunk in step for c in chunk) == list(range(6))
+        assert all(len(chunk) == 2 for chunk in step)
+    assert with_grad[:3] != with_grad[3:]  # a new partition each step: other negatives
+    tta = trainer.result_extra["tta"]
+    assert (tta["passes"], tta["chunks_per_pass"], tta["classes_covered"]) == (2, 3, 6)
+
+
+@pytest.mark.parametrize("use_gm, measured", [(False, 1), (True, 6)])
+def test_gradient_cosine_is_cheap_without_gm_and_free_with_it(use_gm, measured, tiny_data_root, tiny_clip_path,
+                                                              tmp_path, monkeypatch):
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT",
+                   ("OUTPUT_DIR", str(tmp_path / "t"), "SEED", "1", "OPTIM.MAX_EPOCH", "1",
+                    "TRAINER.SELFTPT.USE_GM", str(use_gm), "TEST.NO_TEST", "True"))
+    trainer = build_trainer(cfg)
+    calls = []
+    original = trainer.gradient_alignment
+    monkeypatch.setattr(trainer, "gradient_alignment", lambda *a: calls.append(trainer.batch_idx) or original(*a))
+    trainer.train()
+    assert trainer.num_batches == 6 and len(calls) == measured and calls[0] == 0
+    assert len(trainer.result_extra["grad_cos_per_epoch"]) == 1  # still one value per epoch
+
+
+def test_gradient_checkpointing_supports_gradient_matching_exactly(tiny_data_root, tiny_clip_path, tmp_path):
+    contexts = []
+    for checkpointing in ("False", "True"):
+        cfg = tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT",
+                       ("OUTPUT_DIR", str(tmp_path / checkpointing), "SEED", "1", "OPTIM.MAX_EPOCH", "1",
+                        "TEST.NO_TEST", "True", "TRAINER.SELFTPT.GRAD_CHECKPOINT", checkpointing))
+        set_random_seed(1)
+        trainer = build_trainer(cfg)
+        assert trainer.node.USE_GM and trainer.model.text_encoder.grad_checkpoint == (checkpointing == "True")
+        trainer.train()  # GM's double backward through recomputed blocks
+        contexts.append(trainer.model.prompt_learner.ctx.detach())
+    assert torch.allclose(contexts[0], contexts[1], atol=1e-6)

@@ -149,12 +149,12 @@ def test_checkpoint_with_other_n_ctx_names_both_shapes(coop_run, tmp_path, capsy
     assert code == 2 and "(4, 64)" in err and "(8, 64)" in err
 
 
-def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(tmp_path, tiny_data_root, tiny_clip_path):
+def test_fp16_on_cpu_is_honoured_with_a_warning(tmp_path, tiny_data_root, tiny_clip_path):
     out = tmp_path / "fp16"
     opts = tiny_opts(tiny_data_root, tiny_clip_path, "ZeroshotCLIP") + ["TRAINER.ZSCLIP.PREC", "fp16"]
-    with pytest.warns(UserWarning, match="running in fp32"):
+    with pytest.warns(UserWarning, match="PREC fp16 on cpu: honoured"):
         assert run_cli(["--output-dir", out, *opts])[0] == 0
-    assert "precision: fp32" in (out / "log.txt").read_text()
+    assert "precision: fp16" in (out / "log.txt").read_text()
 
 
 def test_train_py_entry_point_reports_user_errors_in_one_line(tmp_path):

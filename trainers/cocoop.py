@@ -39,11 +39,11 @@ class ConditionalPromptLearner(PromptLearner):
             ("linear1", nn.Linear(vis_dim, vis_dim // 16)),
             ("relu", nn.ReLU(inplace=True)),
             ("linear2", nn.Linear(vis_dim // 16, ctx_dim)),
-        ])).to(self.dtype)  # half with CLIP's fp16 weights, as CoCoOp
+        ]))  # fp32 master weights whatever CLIP's dtype (selftpt/precision.py)
 
     def conditional_context(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, D) normalised image features -> (B, n_ctx, d) per-image contexts."""
-        bias = self.meta_net(image_features.type(self.dtype))  # (B, d)
+        bias = self.meta_net(image_features.float())  # (B, d)
         return self.ctx.unsqueeze(0) + bias.unsqueeze(1)  # (1, n_ctx, d) + (B, 1, d)
 
 

@@ -36,7 +36,7 @@ class CoOp(PromptedClipTrainer):
         images, labels = self.parse_batch_train(batch)
         with self.autocast():
             logits = self.model(images)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits.float(), labels)
         self.step(loss, scaler=self.scaler)
         summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
         if (self.batch_idx + 1) == self.num_batches:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from selftpt.cpt import ContrastivePromptTask, class_chunks, sample_classes
 from selftpt.errors import UserError
 from selftpt.losses import GradientEMA, ensemble_views, gradient_matching_loss
+from selftpt.precision import GradientScale
 from selftpt.prompt_learner import POSITIONS
 from selftpt.prompted_clip import PromptedCLIP
 from selftpt.templates import template_for
@@ -80,6 +81,7 @@ class SelfTPT(PromptedClipTrainer):
             self.head_sched = build_lr_scheduler(self.head_optim, cfg.OPTIM)
             self.register_model("cpt_head", self.cpt.head, self.head_optim, self.head_sched)
         self.grad_ema = GradientEMA(node.GM_EMA)
+        self.grad_scale = GradientScale(self.precision in ("fp16", "amp"))
         self.cpt_generator = torch.Generator().manual_seed(max(cfg.SEED, 0))
         self.epoch_grad_cos: list[float] = []
         self.result_extra: dict[str, Any] = {"grad_cos_per_epoch": []}
@@ -101,7 +103,7 @@ class SelfTPT(PromptedClipTrainer):
             with torch.no_grad():  # the image encoder is frozen
                 image_features = self.model.encode_image(images)
             logits = self.model.logits(image_features, self.class_text_features())
-            loss_ce = F.cross_entropy(logits, labels)
+            loss_ce = F.cross_entropy(logits.float(), labels)
             loss = loss_ce
             summary = {"loss_ce": loss_ce.item(), "acc": compute_accuracy(logits, labels)[0].item()}
             if node.USE_CPT:
@@ -112,22 +114,33 @@ class SelfTPT(PromptedClipTrainer):
                 summary["loss_cpt"] = loss_cpt.item()
                 measure = node.USE_GM or (node.GRAD_COS_FREQ > 0 and self.batch_idx % node.GRAD_COS_FREQ == 0)
                 if measure:
-                    grad_ce = torch.autograd.grad(loss_ce, ctx, retain_graph=True)[0]
-                    with differentiable_attention(node.USE_GM):
-                        grad_cpt = torch.autograd.grad(loss_cpt, ctx, retain_graph=True, create_graph=node.USE_GM)[0]
-                    cos = F.cosine_similarity(grad_cpt.detach().flatten().float(), grad_ce.flatten().float(), dim=0)
-                    self.epoch_grad_cos.append(cos.item())
-                    summary["grad_cos"] = cos.item()
-                    if node.USE_GM:
-                        loss_gm = gradient_matching_loss(grad_cpt, self.grad_ema.update(grad_ce))
-                        loss = loss + node.LAMBDA_GM * loss_gm
-                        summary["loss_gm"] = loss_gm.item()
+                    loss = loss + self.gradient_alignment(loss_ce, loss_cpt, ctx, summary)
         self.step(loss, scaler=self.scaler)
         summary["loss"] = loss.item()
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
 
+    def gradient_alignment(self, loss_ce: torch.Tensor, loss_cpt: torch.Tensor, ctx: torch.Tensor,
+                           summary: dict[str, float]) -> torch.Tensor:
+        """Record cos(grad L_cpt, grad L_ce) and return ``LAMBDA_GM * L_gm`` (0 without GM).
+
+        Both gradients are taken with loss scaling in fp16/amp (``GradientScale``), so they
+        neither flush to zero nor overflow; the CPT gradient keeps its graph (double backward)
+        when GM trains on it.
+        """
+        node = self.node
+        grad_ce = self.grad_scale.grad(loss_ce, [ctx], retain_graph=True)[0]
+        with differentiable_attention(node.USE_GM):
+            grad_cpt = self.grad_scale.grad(loss_cpt, [ctx], retain_graph=True, create_graph=node.USE_GM)[0]
+        cos = F.cosine_similarity(grad_cpt.detach().flatten().float(), grad_ce.flatten().float(), dim=0)
+        self.epoch_grad_cos.append(cos.item())
+        summary["grad_cos"] = cos.item()
+        if not node.USE_GM:
+            return torch.zeros((), device=ctx.device)
+        loss_gm = gradient_matching_loss(grad_cpt, self.grad_ema.update(grad_ce))
+        summary["loss_gm"] = loss_gm.item()
+        return node.LAMBDA_GM * loss_gm
 
     def after_epoch(self) -> None:
         if self.epoch_grad_cos:
@@ -139,13 +152,33 @@ class SelfTPT(PromptedClipTrainer):
         super().after_epoch()
 
     # ------------------------------------------------------------------------ stage 2, 3
-    def cpt_loss_over(self, chunks: list[torch.Tensor], ctx: torch.Tensor) -> float:
-        """Mean CPT loss over chunks of classes, without gradients (for logging)."""
-        with torch.no_grad():
-            return sum(self.cpt.loss(self.model, c, ctx=ctx).item() for c in chunks) / len(chunks)
+    def cpt_pass(self, chunks: list[torch.Tensor], ctx: torch.Tensor,
+                 with_grad: bool = True) -> tuple[float, torch.Tensor | None]:
+        """The CPT loss of the whole class set and its gradient w.r.t. ``ctx``, one chunk at a time.
+
+        The loss of the set is the class-weighted mean of the chunks' losses, so the gradient
+        is accumulated over the chunks (memory bounded by ``CPT_MAX_CLASSES``) and every class
+        contributes, however many there are.
+        """
+        n_cls = sum(len(c) for c in chunks)
+        total, grad = 0.0, (torch.zeros_like(ctx) if with_grad else None)
+        for chunk in chunks:
+            weight = len(chunk) / n_cls
+            with torch.set_grad_enabled(with_grad), self.autocast():
+                loss = self.cpt.loss(self.model, chunk, ctx=ctx) * weight
+            if with_grad:
+                # Only the context moves; autograd.grad leaves the frozen head's .grad alone.
+                grad += self.grad_scale.grad(loss, [ctx])[0]
+            total += loss.item()
+        return total, grad
 
     def adapt_to_class_names(self, ctx0: torch.Tensor) -> torch.Tensor:
-        """Stage 2: a copy of the prompt tuned with CPT on the current class names only."""
+        """Stage 2: a copy of the prompt tuned with CPT on the current class names only.
+
+        One step is one pass over every class: the classes are shuffled into chunks of at
+        most ``CPT_MAX_CLASSES`` (a new partition each step, so each class meets other
+        negatives), the gradient is accumulated over the chunks, then the optimiser steps once.
+        """
         node = self.node
         n_cls = self.model.prompt_learner.n_cls
         if n_cls < 2:
@@ -154,26 +187,32 @@ class SelfTPT(PromptedClipTrainer):
                 f"target set has {n_cls}. Set TRAINER.SELFTPT.TTA False to evaluate without it"
             )
         generator = torch.Generator().manual_seed(max(self.cfg.SEED, 0))
-        chunks = class_chunks(n_cls, node.CPT_MAX_CLASSES, generator)
-        ctx = ctx0.detach().clone().requires_grad_(True)
+        ctx = ctx0.detach().float().clone().requires_grad_(True)  # fp32 master copy
         optim = TTA_OPTIMIZERS[node.TTA_OPTIM]([ctx], lr=node.TTA_LR)
-        # Logged on the first chunk only (all classes when they fit in one): a faithful
-        # before/after signal whose cost does not grow with 1000-class target sets.
-        loss_before = self.cpt_loss_over(chunks[:1], ctx)
         self.cpt.eval()
+        first_chunks = class_chunks(n_cls, node.CPT_MAX_CLASSES, generator)
+        covered: set[int] = set()
+        loss_before = None
         start = time.perf_counter()
         for step in tqdm(range(node.TTA_STEPS), desc="adapt on class names", dynamic_ncols=True):
-            with self.autocast():
-                loss = self.cpt.loss(self.model, chunks[step % len(chunks)], ctx=ctx)
-            # Only the context moves; autograd.grad leaves the frozen head's .grad alone.
-            ctx.grad = torch.autograd.grad(loss, ctx)[0]
+            chunks = first_chunks if step == 0 else class_chunks(n_cls, node.CPT_MAX_CLASSES, generator)
+            loss, ctx.grad = self.cpt_pass(chunks, ctx)
+            loss_before = loss if loss_before is None else loss_before
+            covered.update(torch.cat(chunks).tolist())
             optim.step()
         seconds = time.perf_counter() - start
-        loss_after = self.cpt_loss_over(chunks[:1], ctx)
+        if loss_before is None:  # TTA_STEPS 0
+            loss_before = self.cpt_pass(first_chunks, ctx, with_grad=False)[0]
+        loss_after = self.cpt_pass(first_chunks, ctx, with_grad=False)[0]
         print(f"Test-time adaptation on {n_cls} class names: CPT loss {loss_before:.4f} -> "
-              f"{loss_after:.4f} in {seconds:.2f}s ({node.TTA_STEPS} steps)")
-        self.result_extra["tta"] = {"n_classes": n_cls, "steps": node.TTA_STEPS, "seconds": seconds,
-                                    "cpt_loss_before": loss_before, "cpt_loss_after": loss_after}
+              f"{loss_after:.4f} in {seconds:.2f}s ({node.TTA_STEPS} passes over all classes, "
+              f"{len(first_chunks)} chunk(s) of <= {max(2, node.CPT_MAX_CLASSES)})")
+        self.result_extra["tta"] = {
+            "n_classes": n_cls, "steps": node.TTA_STEPS, "passes": node.TTA_STEPS,
+            "chunks_per_pass": len(first_chunks), "classes_covered": len(covered), "seconds": seconds,
+            "cpt_loss_before": loss_before, "cpt_loss_after": loss_after,
+            "loss_scale_backoffs": self.grad_scale.backoffs,
+        }
         return ctx.detach()
 
     def prepare_for_test(self) -> None:

@@ -13,7 +13,8 @@ many tokens as this config's prompt (TPT: CTX_INIT "a photo of a" = 4 tokens).
 
 Precision as TPT: on CUDA the CLIP weights stay fp32 and the forward passes run under
 autocast, with a ``GradScaler(init_scale=1000)`` kept across images (PREC ``auto`` = ``amp``);
-on CPU everything is fp32.
+PREC ``fp16`` uses the same scaler; the tuned context is an fp32 master copy in every
+precision (``selftpt/precision.py``). On CPU ``auto`` is fp32.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class TPT(ClipTrainer):
         self.register_model("prompt_learner", self.model.prompt_learner, self.optim, None)
         # Captured once, reloaded before every image (TPT's ``optim_state``): moments reset.
         self.optim_state = copy.deepcopy(self.optim.state_dict())
-        self.scaler = torch.amp.GradScaler("cuda", init_scale=1000) if self.precision == "amp" else None
+        self.scaler = self.make_grad_scaler(init_scale=1000)  # TPT's scale; None in fp32
         self.prompt_init = f'CTX_INIT "{node.CTX_INIT}"' if node.CTX_INIT else f"random ({node.N_CTX} tokens)"
         self.result_extra: dict = {}
         self.capture_initial_prompt()

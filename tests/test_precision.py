@@ -1,0 +1,144 @@
+"""The precision policy (selftpt/precision.py): fp32 master copies, loss scaling for autograd.grad,
+explicit fp16/amp honoured on CPU, and every trainer in fp32, fp16 and amp giving finite results
+close to fp32's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trainers  # noqa: F401  (registers the trainers)
+from selftpt.clip_loader import load_clip
+from selftpt.precision import GradientScale, make_grad_scaler, resolve_precision
+from selftpt.prompt_learner import PromptLearner
+from selftpt.toolbox import TRAINER_REGISTRY, build_trainer, set_random_seed
+from tests.helpers import tiny_cfg
+
+
+def test_adamw_on_an_fp16_tensor_is_what_the_master_copy_avoids():
+    """The hazard itself: one AdamW step on an fp16 tensor with |g| ~ 1e-3 leaves no finite entry."""
+    half = torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.float16))
+    half.grad = torch.full_like(half, 1e-3)
+    torch.optim.AdamW([half], lr=5e-3).step()
+    assert not torch.isfinite(half).any()
+
+
+def test_prompt_context_is_an_fp32_master_copy_rendered_in_clips_dtype(tiny_clip_path):
+    clip_model = load_clip(str(tiny_clip_path), precision="fp16")
+    learner = PromptLearner(["red square", "blue circle"], clip_model, ctx_init="a photo of a")
+    assert learner.ctx.dtype == torch.float32
+    assert learner().dtype == torch.float16  # what enters CLIP's half text tower
+    learner.ctx.grad = torch.full_like(learner.ctx, 1e-3)
+    torch.optim.AdamW([learner.ctx], lr=5e-3).step()
+    assert torch.isfinite(learner.ctx).all()
+
+
+def test_explicit_fp16_and_amp_are_honoured_on_cpu_auto_is_fp32():
+    with pytest.warns(UserWarning, match="honoured"):
+        assert resolve_precision("fp16", "cpu") == "fp16"
+    with pytest.warns(UserWarning, match="honoured"):
+        assert resolve_precision("amp", "cpu") == "amp"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda", auto_cuda="amp") == "amp"
+    assert make_grad_scaler(torch.device("cpu"), "fp32") is None
+    assert make_grad_scaler(torch.device("cpu"), "fp16").get_scale() == 2.0 ** 16
+
+
+def test_gradient_scale_rescues_gradients_that_underflow_in_fp16():
+    x = torch.ones(8, requires_grad=True)
+
+    def loss():  # d loss / dx = 1e-8 per element, flushed to zero in fp16's backward
+        return ((x.half() * 1e-4).sum() * 1e-4).float()
+
+    plain = torch.autograd.grad(loss(), [x])[0]
+    assert plain.abs().max() == 0
+    scaled = GradientScale(enabled=True).grad(loss(), [x])[0]
+    assert scaled == pytest.approx(torch.full((8,), 1e-8), rel=0.05)
+
+
+def test_gradient_scale_backs_off_when_the_scaled_gradient_overflows():
+    x = torch.ones(4, requires_grad=True)
+    scale = GradientScale(enabled=True, init_scale=2.0 ** 10)
+    g = scale.grad((x.half() * 200.0).sum().float(), [x])[0]  # 200 * 1024 > fp16's max (65504)
+    assert torch.equal(g, torch.full((4,), 200.0))
+    assert scale.backoffs >= 2 and scale.scale <= 2.0 ** 8
+
+
+def test_gradient_scale_keeps_the_graph_for_double_backward():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    g = GradientScale(enabled=True).grad((x.half() ** 3).sum().float(), [x], create_graph=True)[0]
+    assert torch.allclose(g, 3 * x.detach() ** 2)
+    (gg,) = torch.autograd.grad(g.sum(), [x])
+    assert torch.allclose(gg, 6 * x.detach())
+
+
+# ------------------------------------------------------------------------ the precision matrix
+# Every trainer, a short training run (where it trains) and an evaluation, in each precision.
+MATRIX = {
+    "ZeroshotCLIP": [],
+    "CoOp": [],
+    "CoCoOp": [],
+    "TPT": ["TRAINER.TPT.N_VIEWS", "8"],
+    "SelfTPT": ["TRAINER.SELFTPT.TTA_STEPS", "3"],
+    "SelfTPT-v": ["TRAINER.SELFTPT.TTA_STEPS", "3", "TRAINER.SELFTPT.N_VIEWS", "8"],
+}
+
+
+def _run(method, precision, root, clip_path, out):
+    trainer_name = method.split("-")[0]
+    node = TRAINER_REGISTRY.get(trainer_name).CFG_NODE
+    cfg = tiny_cfg(root, clip_path, trainer_name,
+                   ("OUTPUT_DIR", str(out), "OPTIM.MAX_EPOCH", "1", "SEED", "1",
+                    f"TRAINER.{node}.PREC", precision, *MATRIX[method]))
+    set_random_seed(1)
+    with pytest.warns(UserWarning) if precision != "fp32" else _nothing():
+        trainer = build_trainer(cfg)
+    assert trainer.precision == precision
+    if getattr(trainer, "TRAINS", True):
+        trainer.train()  # ends with the evaluation
+    else:
+        trainer.test()
+    set_random_seed(2)  # the same views for every precision
+    batch = next(iter(trainer.test_loader))
+    images, _ = trainer.parse_batch_test(batch)
+    with torch.no_grad():
+        logits = trainer.model_inference(images).float()
+    tuned = [p for name in trainer.get_model_names() for p in trainer._models[name].parameters()]
+    return trainer, logits, tuned
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(tiny_data_root, tiny_clip_path, tmp_path_factory):
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            cache[method] = _run(method, "fp32", tiny_data_root, tiny_clip_path,
+                                 tmp_path_factory.mktemp(f"fp32-{method}"))
+        return cache[method]
+    return get
+
+
+@pytest.mark.parametrize("precision", ["fp16", "amp"])
+@pytest.mark.parametrize("method", list(MATRIX))
+def test_every_trainer_runs_in_fp16_and_amp_close_to_fp32(method, precision, fp32_runs, tiny_data_root,
+                                                          tiny_clip_path, tmp_path):
+    ref_trainer, ref_logits, _ = fp32_runs(method)
+    trainer, logits, tuned = _run(method, precision, tiny_data_root, tiny_clip_path, tmp_path / "run")
+    assert torch.isfinite(logits).all()
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in tuned)  # fp32 master copies
+    metrics = trainer.test_result["metrics"]
+    assert abs(metrics["accuracy"] - ref_trainer.test_result["metrics"]["accuracy"]) <= 10.0
+    scale = ref_logits.abs().max()
+    assert (logits - ref_logits).abs().max() <= 0.1 * scale
+    if method.startswith("SelfTPT"):
+        tta = trainer.result_extra["tta"]
+        assert tta["cpt_loss_after"] < tta["cpt_loss_before"]  # stage 2 adapted, with finite steps
+        assert tta["cpt_loss_after"] == pytest.approx(ref_trainer.result_extra["tta"]["cpt_loss_after"], rel=0.05)
