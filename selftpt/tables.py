@@ -29,7 +29,8 @@ FORMATS = ("terminal", "markdown", "csv", "latex")
 MISSING = "—"
 
 _PROTOCOL_ORDER = ("base2new", "xd", "dg", "fewshot", "")
-_METHOD_ORDER = ("ZeroshotCLIP", "CoOp", "CoCoOp", "TPT", "SelfTPT", "SelfTPT-v")
+_METHOD_ORDER = ("ZeroshotCLIP", "ZeroshotCLIP2", "ZeroshotCLIP2-80", "CoOp", "CoCoOp", "TPT", "SelfTPT",
+                 "SelfTPT-v")
 
 
 # --------------------------------------------------------------------------- statistics

@@ -1,12 +1,16 @@
-"""Zero-shot CLIP (Radford et al., 2021) with the dataset's hand-crafted prompt."""
+"""Zero-shot CLIP (Radford et al., 2021) with the dataset's hand-crafted prompt
+(``ZeroshotCLIP``) or with a prompt ensemble (``ZeroshotCLIP2``)."""
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from selftpt.clip_loader import tokenize
+from selftpt.errors import UserError
 from selftpt.prompt_learner import clean_classname
-from selftpt.templates import template_for
+from selftpt.templates import ENSEMBLES, ensemble_templates, template_for
 from selftpt.toolbox import TRAINER_REGISTRY
 from selftpt.trainer_base import ClipTrainer
 
@@ -20,6 +24,21 @@ def encode_class_prompts(clip_model: torch.nn.Module, template: str, classnames:
     feats = [clip_model.encode_text(tokenize(prompts[i:i + chunk], clip_model.context_length).to(device))
              for i in range(0, len(prompts), chunk)]
     return F.normalize(torch.cat(feats), dim=-1)
+
+
+@torch.no_grad()
+def encode_prompt_ensemble(clip_model: torch.nn.Module, templates: Sequence[str],
+                           classnames: list[str]) -> torch.Tensor:
+    """(n_cls, D) class features of a prompt ensemble: each template's normalised text
+    features, averaged over the templates, normalised again; in the model's dtype."""
+    if not templates:
+        raise ValueError("a prompt ensemble needs at least one template")
+    total = None
+    for template in templates:
+        feats = encode_class_prompts(clip_model, template, classnames)
+        # summed in fp32: with fp16 weights, 80 fp16 additions would round the mean at every step
+        total = feats.float() if total is None else total + feats.float()
+    return F.normalize(total / len(templates), dim=-1).to(feats.dtype)
 
 
 @TRAINER_REGISTRY.register()
@@ -52,3 +71,33 @@ class ZeroshotCLIP(ClipTrainer):
 
     def model_inference(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.encode_images(images))
+
+
+@TRAINER_REGISTRY.register()
+class ZeroshotCLIP2(ZeroshotCLIP):
+    """Zero-shot CLIP with a prompt ensemble; nothing is trained.
+
+    CoOp's ``ZeroshotCLIP2`` (KaiyangZhou/CoOp, ``trainers/zsclip.py``): each class is the mean
+    of the normalised text features of several hand-crafted templates, re-normalised.
+    ``TRAINER.ZSCLIP.ENSEMBLE`` picks the templates (``selftpt.templates.ENSEMBLES``):
+    ``coop_select`` is CoOp's set, ``clip80`` CLIP's 80 ImageNet templates (the "Ensembled
+    prompt" baseline of TPT's results). The image side is ZeroshotCLIP's one encoder pass, so
+    ``TEST.FEATURE_CACHE`` applies unchanged.
+    """
+
+    def check_cfg(self, cfg: Any) -> None:
+        super().check_cfg(cfg)
+        ensemble = cfg.TRAINER.ZSCLIP.ENSEMBLE
+        if ensemble not in ENSEMBLES:
+            raise UserError(f"TRAINER.ZSCLIP.ENSEMBLE must be one of {ENSEMBLES}, got {ensemble!r}")
+
+    def build_model(self) -> None:
+        self.clip_model = self.load_clip_model().to(self.device)
+        ensemble = self.node.ENSEMBLE
+        self.templates = ensemble_templates(self.cfg.DATASET.NAME, ensemble)
+        print(f"Prompt ensemble {ensemble} (n={len(self.templates)}): {self.templates}")
+        self.result_extra = {"prompt_ensemble": ensemble, "num_templates": len(self.templates)}
+
+    def prepare_for_test(self) -> None:
+        """Encode the class prompts of every template once per evaluation (the one-time cost)."""
+        self.text_features = encode_prompt_ensemble(self.clip_model, self.templates, self.classnames)
