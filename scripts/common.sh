@@ -20,9 +20,12 @@ Environment (defaults in brackets):
   SOURCE    source dataset for xd/dg (and optional for base2new) [imagenet, or the benchmark's]
   SEEDS     [1 2 3]      SHOTS [16; fewshot: 1 2 4 8 16]
   BACKBONE  override MODEL.BACKBONE.NAME [the config's]
-  CFG       config stem under configs/trainers/${TRAINER}/ [${PAPER_CFG} with DATA, ${BENCH_CFG} without]
+  CFG       a config plan of configs/plans.yaml (a config per dataset and shot count, as a
+            published protocol prescribes) or a config stem under configs/trainers/${TRAINER}/
+            (that one config for every run); run folders name the config each run used
+            [${PAPER_CFG} with DATA, ${BENCH_CFG} without]
   OUTPUT    output root [output]
-  PROMPTS_FROM  <Trainer>/<cfg> whose trained prompts a training-free method starts from,
+  PROMPTS_FROM  <Trainer>/<cfg or plan> whose trained prompts a training-free method starts from,
             e.g. PROMPTS_FROM=CoOp/bench bash scripts/tpt/base2new.sh = TPT+CoOp (run CoOp first)
   JOBS      runs at once, round-robin over CUDA_VISIBLE_DEVICES when GPUs exist
             [0 = auto: one per GPU, else one per CPU core]

@@ -12,6 +12,11 @@ Protocols (output layout as CoOp/PromptSRC, so existing habits and parsers carry
 - ``fewshot``: train and test on each dataset for each shot count —
   ``OUT/fewshot/<ds>/shots_<K>/<Trainer>/<cfg>/seed<S>``.
 
+``--cfg`` names one config (``configs/trainers/<Trainer>/<cfg>.yaml``, used by every run) or a
+config plan of ``configs/plans.yaml`` (a config per dataset and shot count, as published
+protocols prescribe); ``<cfg>`` in a folder is always the config that run used. A test run
+uses the config of the run that trained its prompts.
+
 A run whose folder holds ``results.json`` is skipped; a folder without it is resumed by
 train.py; trainers that train nothing (ZeroshotCLIP, TPT) are evaluated directly. Runs of
 one (dataset, seed) chain execute in order; chains run in parallel in ``--jobs`` worker
@@ -29,13 +34,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from selftpt.results import RESULTS_FILENAME
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("base2new", "xd", "dg", "fewshot")
-TRAINING_FREE = ("ZeroshotCLIP", "TPT")  # evaluated directly, nothing to train
-DETERMINISTIC = ("ZeroshotCLIP",)  # the same result for every seed: run once, unseeded
+TRAINING_FREE = ("ZeroshotCLIP", "ZeroshotCLIP2", "TPT")  # evaluated directly, nothing to train
+DETERMINISTIC = ("ZeroshotCLIP", "ZeroshotCLIP2")  # the same result for every seed: run once, unseeded
 
 # The paper's datasets (CoOp config stems): (source, targets) per protocol.
 PAPER_ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -49,6 +55,102 @@ PAPER_DEFAULTS = {
 # Protocol names of selftpt.benchmark.protocols for ours; few-shot uses base-to-new's datasets.
 BENCHMARK_NAMES = {"base2new": "base2new", "fewshot": "base2new", "xd": "cross_dataset",
                    "dg": "domain_generalization"}
+
+
+PLANS_FILE = REPO / "configs" / "plans.yaml"
+_PLAN_KEYS = ("default", "datasets", "shots")
+
+
+class PlanError(ValueError):
+    """A config or plan that does not resolve; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ConfigPlan:
+    """The trainer config (a stem under ``configs/trainers/<Trainer>/``) of each run of one protocol.
+
+    One config for every run is the plan with only a default. A dataset entry wins over a shots
+    entry: CoOp trains ImageNet 50 epochs whatever the shot count.
+    """
+
+    name: str  # what was asked for: a plan name or a config stem
+    default: str
+    datasets: Mapping[str, str] = field(default_factory=dict)
+    shots: Mapping[int, str] = field(default_factory=dict)
+
+    def stem(self, dataset: str, shots: int) -> str:
+        """The config stem of a run that trains on ``dataset`` with ``shots`` shots per class."""
+        return self.datasets.get(dataset) or self.shots.get(shots) or self.default
+
+    @property
+    def stems(self) -> list[str]:
+        """Every config stem the plan can pick."""
+        return sorted({self.default, *self.datasets.values(), *self.shots.values()})
+
+
+def config_file(trainer: str, stem: str) -> Path:
+    """``configs/trainers/<trainer>/<stem>.yaml``."""
+    return REPO / "configs" / "trainers" / trainer / f"{stem}.yaml"
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def load_plans(plans_file: Path = PLANS_FILE) -> dict:
+    """``plans_file`` as ``{trainer: {plan: {protocol: entry}}}``; empty when the file is absent."""
+    if not plans_file.is_file():
+        return {}
+    import yaml
+    try:
+        plans = yaml.safe_load(plans_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{_shown(plans_file)} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(plans, dict) or not all(isinstance(v, dict) for v in plans.values()):
+        raise PlanError(f"{_shown(plans_file)}: expected <Trainer>: <plan>: <protocol>: entries")
+    return plans
+
+
+def resolve_plan(trainer: str, name: str, protocol: str, plans_file: Path = PLANS_FILE) -> ConfigPlan:
+    """The configs of a sweep's runs: ``name`` is a config stem of ``trainer`` (that config for
+    every run) or a plan of ``plans_file`` (checked: every stem and dataset it names exists).
+
+    A name that is both a stem and a plan is refused, so a name always means one thing.
+    """
+    plans = load_plans(plans_file).get(trainer) or {}
+    where = _shown(plans_file)
+    single = config_file(trainer, name).is_file()
+    if single and name in plans:
+        raise PlanError(f"{name!r} is both a config ({_shown(config_file(trainer, name))}) and a plan of "
+                        f"{trainer} in {where}; rename one")
+    if single:
+        return ConfigPlan(name, name)
+    if name not in plans:
+        folder = config_file(trainer, name).parent
+        known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise PlanError(f"no config {_shown(config_file(trainer, name))} and no plan {trainer}/{name} in {where} "
+                        f"(known for {trainer}: configs {', '.join(known) or 'none'}; "
+                        f"plans {', '.join(sorted(plans)) or 'none'})")
+    what = f"plan {trainer}/{name} in {where}"
+    entry = (plans[name] or {}).get(protocol)
+    if not isinstance(entry, dict):
+        raise PlanError(f"{what} has no entry for protocol {protocol} "
+                        f"(it has: {', '.join(sorted(plans[name] or {})) or 'none'}); pass a config stem instead")
+    unknown = sorted(set(entry) - set(_PLAN_KEYS))
+    datasets, shots = entry.get("datasets") or {}, entry.get("shots") or {}
+    if unknown or not isinstance(entry.get("default"), str) or not isinstance(datasets, dict) \
+            or not isinstance(shots, dict) or not all(isinstance(k, int) for k in shots):
+        raise PlanError(f"{what}, {protocol}: expected a 'default' stem and optional 'datasets' "
+                        f"{{dataset: stem}} and 'shots' {{K: stem}}, got keys {', '.join(map(str, entry))}")
+    plan = ConfigPlan(name, entry["default"], {str(k): str(v) for k, v in datasets.items()},
+                      {int(k): str(v) for k, v in shots.items()})
+    bad = [d for d in plan.datasets if not (REPO / "configs" / "datasets" / f"{d}.yaml").is_file()]
+    if bad:
+        raise PlanError(f"{what}, {protocol}: no dataset config configs/datasets/{bad[0]}.yaml")
+    missing = [s for s in plan.stems if not config_file(trainer, s).is_file()]
+    if missing:
+        raise PlanError(f"{what}, {protocol}: no config {_shown(config_file(trainer, missing[0]))}")
+    return plan
 
 
 def default_datasets(protocol: str, data: str) -> tuple[str, list[str]]:
@@ -67,6 +169,7 @@ class Run:
 
     output_dir: Path
     dataset: str  # config stem, e.g. oxford_pets
+    cfg: str  # trainer config stem this run uses (from the sweep's plan)
     opts: list[str] = field(default_factory=list)
     eval_only: bool = False
     model_dir: Path | None = None
@@ -78,11 +181,16 @@ class Run:
 
 @dataclass
 class Sweep:
-    """The settings shared by every run of one protocol sweep."""
+    """The settings shared by every run of one protocol sweep.
+
+    Every run of a chain uses the config its plan picks for the chain's training dataset (the
+    dataset itself; the source for xd, dg and base-to-new with a source) and shot count, so a
+    test run always has its training run's config and folder name.
+    """
 
     protocol: str
     trainer: str
-    cfg: str
+    cfg: str  # a config stem of the trainer, or a plan of configs/plans.yaml
     data: str
     datasets: list[str]
     seeds: list[int]
@@ -91,38 +199,48 @@ class Sweep:
     source: str = ""
     backbone: str = ""
     extra_opts: list[str] = field(default_factory=list)
-    prompts_from: str = ""  # "<Trainer>/<cfg>": a training-free method starts from those prompts
+    prompts_from: str = ""  # "<Trainer>/<cfg or plan>": a training-free method starts from those prompts
+    plan: ConfigPlan = field(init=False, repr=False)
+    prompt_plan: ConfigPlan | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
+        """Resolve the configs (PlanError when a name does not resolve) before any run is built."""
         if self.prompts_from and (self.trains or self.prompts_from.count("/") != 1):
             raise SystemExit(f"error: --prompts-from {self.prompts_from!r} needs the form <Trainer>/<cfg> "
                              f"and a training-free trainer ({', '.join(TRAINING_FREE)}), not {self.trainer}")
+        self.plan = resolve_plan(self.trainer, self.cfg, self.protocol)
+        if self.prompts_from:
+            self.prompt_plan = resolve_plan(*self.prompts_from.split("/"), self.protocol)
 
     @property
     def trains(self) -> bool:
         return self.trainer not in TRAINING_FREE
 
-    @property
-    def run_cfg(self) -> str:
-        """The cfg folder of this sweep's runs (``bench``; ``bench+CoOp-bench`` when started from
-        CoOp/bench prompts, so TPT and TPT+CoOp never share a folder)."""
-        return f"{self.cfg}+{self.prompts_from.replace('/', '-')}" if self.prompts_from else self.cfg
+    def run_cfg(self, trained_on: str, shots: int) -> str:
+        """The cfg folder of a run whose chain trains on ``trained_on``: the config it uses
+        (``bench+CoOp-bench`` when started from CoOp/bench prompts, so TPT and TPT+CoOp never
+        share a folder)."""
+        stem = self.plan.stem(trained_on, shots)
+        if self.prompt_plan is None:
+            return stem
+        return f"{stem}+{self.prompts_from.split('/')[0]}-{self.prompt_plan.stem(trained_on, shots)}"
 
     @property
     def method_name(self) -> str:
         """Display name for the tables: ``TPT+CoOp`` when started from CoOp's prompts."""
         return f"{self.trainer}+{self.prompts_from.split('/')[0]}" if self.prompts_from else ""
 
-    def folder(self, *parts: str, dataset: str, shots: int, seed: int, trainer: str = "", cfg: str = "") -> Path:
+    def folder(self, *parts: str, dataset: str, shots: int, seed: int, cfg: str, trainer: str = "") -> Path:
+        """``OUT/<protocol>/<parts>/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>`` (``unseeded`` below 0)."""
         return self.output.joinpath(self.protocol, *parts, dataset, f"shots_{shots}", trainer or self.trainer,
-                                    cfg or self.run_cfg, f"seed{seed}" if seed >= 0 else "unseeded")
+                                    cfg, f"seed{seed}" if seed >= 0 else "unseeded")
 
     def prompt_source(self, part: str, dataset: str, shots: int, seed: int) -> Path | None:
         """The training run of ``prompts_from`` whose prompts a training-free run starts from."""
-        if not self.prompts_from:
+        if self.prompt_plan is None:
             return None
-        trainer, cfg = self.prompts_from.split("/")
-        return self.folder(part, dataset=dataset, shots=shots, seed=seed, trainer=trainer, cfg=cfg)
+        return self.folder(part, dataset=dataset, shots=shots, seed=seed, trainer=self.prompts_from.split("/")[0],
+                           cfg=self.prompt_plan.stem(dataset, shots))
 
     def missing_prompt_sources(self) -> list[Path]:
         """``prompts_from`` runs that the chains need but that have not finished."""
@@ -142,8 +260,8 @@ class Sweep:
     def _chains_for(self, seed: int, shots: int) -> list[list[Run]]:
         fewshot = ["DATASET.NUM_SHOTS", str(shots)]
         if self.protocol == "fewshot":
-            return [[self._run(self.folder(dataset=d, shots=shots, seed=seed), d, seed, fewshot,
-                               eval_only=not self.trains, model_dir=self.prompt_source("", d, shots, seed))]
+            return [[self._run("", d, d, shots, seed, fewshot, eval_only=not self.trains,
+                               model_dir=self.prompt_source("", d, shots, seed))]
                     for d in self.datasets]
         if self.protocol == "base2new" and not self.source:
             chains = []
@@ -151,15 +269,14 @@ class Sweep:
                 base = ["DATASET.SUBSAMPLE_CLASSES", "base"]
                 new = ["DATASET.SUBSAMPLE_CLASSES", "new"]
                 if self.trains:
-                    train = self._run(self.folder("train_base", dataset=d, shots=shots, seed=seed), d, seed,
-                                      fewshot + base)
-                    test = self._run(self.folder("test_new", dataset=d, shots=shots, seed=seed), d, seed,
-                                     fewshot + new, eval_only=True, model_dir=train.output_dir)
+                    train = self._run("train_base", d, d, shots, seed, fewshot + base)
+                    test = self._run("test_new", d, d, shots, seed, fewshot + new, eval_only=True,
+                                     model_dir=train.output_dir)
                     chains.append([train, test])
                 else:
                     prompts = self.prompt_source("train_base", d, shots, seed)
-                    chains.append([self._run(self.folder(f"test_{sub}", dataset=d, shots=shots, seed=seed), d,
-                                             seed, fewshot + ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True,
+                    chains.append([self._run(f"test_{sub}", d, d, shots, seed,
+                                             fewshot + ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True,
                                              model_dir=prompts)
                                    for sub in ("base", "new")])
             return chains
@@ -169,29 +286,33 @@ class Sweep:
         chain: list[Run] = []
         model_dir = self.prompt_source("train", self.source, shots, seed)
         if self.trains:
-            train = self._run(self.folder("train", dataset=self.source, shots=shots, seed=seed), self.source,
-                              seed, fewshot)
+            train = self._run("train", self.source, self.source, shots, seed, fewshot)
             chain.append(train)
             model_dir = train.output_dir
         subsets = ("base", "new") if self.protocol == "base2new" else ("all",)
         for d in self.datasets:
             for sub in subsets:
                 where = "test" if sub == "all" else f"test_{sub}"
-                chain.append(self._run(self.folder(where, dataset=d, shots=shots, seed=seed), d, seed,
-                                       ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True, model_dir=model_dir))
+                chain.append(self._run(where, d, self.source, shots, seed, ["DATASET.SUBSAMPLE_CLASSES", sub],
+                                       eval_only=True, model_dir=model_dir))
         return [chain]
 
-    def _run(self, folder: Path, dataset: str, seed: int, opts: list[str], eval_only: bool = False,
-             model_dir: Path | None = None) -> Run:
+    def _run(self, part: str, dataset: str, trained_on: str, shots: int, seed: int, opts: list[str],
+             eval_only: bool = False, model_dir: Path | None = None) -> Run:
+        """A run on ``dataset`` under ``OUT/<protocol>/<part>`` with the config of its chain's
+        training dataset ``trained_on``."""
+        folder = self.folder(*([part] if part else []), dataset=dataset, shots=shots, seed=seed,
+                             cfg=self.run_cfg(trained_on, shots))
         if self.method_name:  # a user's own TRAINER.METHOD_NAME in extra_opts comes later and wins
             opts = opts + ["TRAINER.METHOD_NAME", self.method_name]
-        return Run(folder, dataset, opts + ["SEED", str(seed)], eval_only, model_dir)
+        return Run(folder, dataset, self.plan.stem(trained_on, shots), opts + ["SEED", str(seed)], eval_only,
+                   model_dir)
 
     def train_args(self, run: Run) -> list[str]:
         """``train.py``'s arguments for ``run`` (what a user would type after ``python train.py``)."""
         cmd = ["--trainer", self.trainer,
                "--dataset-config-file", str(REPO / "configs" / "datasets" / f"{run.dataset}.yaml"),
-               "--config-file", str(REPO / "configs" / "trainers" / self.trainer / f"{self.cfg}.yaml"),
+               "--config-file", str(config_file(self.trainer, run.cfg)),
                "--output-dir", str(run.output_dir)]
         if self.data:
             cmd += ["--root", self.data]
@@ -270,7 +391,9 @@ def execute(sweep: Sweep, jobs: int = 0) -> bool:
         jobs = len(devices) or os.cpu_count() or 1
     jobs = max(1, min(jobs, len(chains) or 1))
     total = sum(len(c) for c in chains)
-    print(f"{sweep.protocol}: {sweep.trainer}/{sweep.cfg}, {total} runs in {len(chains)} chains, "
+    stems = sorted({run.cfg for chain in chains for run in chain})
+    cfg = sweep.cfg if stems == [sweep.cfg] else f"{sweep.cfg} (configs {', '.join(stems)})"
+    print(f"{sweep.protocol}: {sweep.trainer}/{cfg}, {total} runs in {len(chains)} chains, "
           f"{jobs} at a time{f' on GPUs {devices}' if devices else ' on CPU'}", flush=True)
     context = multiprocessing.get_context("spawn")  # no CUDA or thread state inherited from here
     queue = None
@@ -300,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run a protocol sweep of train.py runs and skip finished ones.")
     p.add_argument("protocol", choices=PROTOCOLS)
     p.add_argument("--trainer", required=True)
-    p.add_argument("--cfg", required=True, help="config stem under configs/trainers/<trainer>/")
+    p.add_argument("--cfg", required=True,
+                   help="a config plan of configs/plans.yaml (the config per dataset and shot count, e.g. "
+                        "CoOp's paper) or a config stem under configs/trainers/<trainer>/ for every run")
     p.add_argument("--data", default="", help="dataset root ($DATA); empty = the built-in benchmark")
     p.add_argument("--datasets", nargs="+", help="dataset config stems [the protocol's, see default_datasets]")
     p.add_argument("--source", default=None,
@@ -310,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="")
     p.add_argument("--output", default="output")
     p.add_argument("--prompts-from", default="",
-                   help="<Trainer>/<cfg> whose trained prompts a training-free method starts from, e.g. "
+                   help="<Trainer>/<cfg or plan> whose trained prompts a training-free method starts from, e.g. "
                         "CoOp/bench for TPT+CoOp (that sweep must have run in the same --output)")
     p.add_argument("--jobs", type=int, default=0,
                    help="worker processes; 0 = one per GPU, else one per CPU core [0]")
@@ -332,14 +457,13 @@ def main(argv: list[str] | None = None) -> int:
             known = sorted(p.stem for p in (REPO / "configs" / "datasets").glob("*.yaml"))
             print(f"error: no dataset config configs/datasets/{stem}.yaml (known: {', '.join(known)})", file=sys.stderr)
             return 2
-    cfg_file = REPO / "configs" / "trainers" / args.trainer / f"{args.cfg}.yaml"
-    if not cfg_file.is_file():
-        known = sorted(p.stem for p in cfg_file.parent.glob("*.yaml")) if cfg_file.parent.is_dir() else []
-        print(f"error: no config {cfg_file.relative_to(REPO)} (known for {args.trainer}: {', '.join(known) or 'none'})",
-              file=sys.stderr)
+    try:
+        sweep = Sweep(args.protocol, args.trainer, args.cfg, args.data, args.datasets, args.seeds, args.shots,
+                      Path(args.output).resolve(), args.source, args.backbone, list(args.opts or []),
+                      args.prompts_from)
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    sweep = Sweep(args.protocol, args.trainer, args.cfg, args.data, args.datasets, args.seeds, args.shots,
-                  Path(args.output).resolve(), args.source, args.backbone, list(args.opts or []), args.prompts_from)
     missing = sweep.missing_prompt_sources()
     if missing:
         trainer = args.prompts_from.split("/")[0]
