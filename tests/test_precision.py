@@ -75,6 +75,7 @@ def test_gradient_scale_keeps_the_graph_for_double_backward():
 # Every trainer, a short training run (where it trains) and an evaluation, in each precision.
 MATRIX = {
     "ZeroshotCLIP": [],
+    "ZeroshotCLIP2": [],
     "CoOp": [],
     "CoCoOp": [],
     "TPT": ["TRAINER.TPT.N_VIEWS", "8"],
