@@ -164,12 +164,13 @@ def test_benchmark_ci_configuration_writes_valid_json(tiny_clip_path, tmp_path, 
     assert set(obj["methods"]) == {"SelfTPT", "TPT"}
     assert set(obj["methods"]["SelfTPT"]["images_per_s"]) == {"1", "2"}
     assert set(obj["methods"]["TPT"]["images_per_s"]) == {"1"}  # per image: batch 2 not applicable
-    assert obj["methods"]["SelfTPT"]["one_time_s"] > 0 and obj["methods"]["SelfTPT"]["peak_mem_mb"] > 0
+    # the one-time cost is Self-TPT's class-name adaptation; TPT has none
+    assert obj["methods"]["SelfTPT"]["one_time_s"] > obj["methods"]["TPT"]["one_time_s"]
     assert obj["num_classes"] == 6 and obj["isolation"] == "one subprocess per method"
     assert "n/a (per image)" in printed and "Self-TPT >= 50x TPT" in printed
     assert json.loads(path.read_text())["targets"]
     png, _ = plot_efficiency({"SelfTPT": 70.0, "TPT": 65.0}, obj, tmp_path / "eff.png")
-    assert Path(png).stat().st_size > 0
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_paired_timing_and_cache_sweep_in_process(tiny_clip_path, tmp_path, capsys):
@@ -182,8 +183,8 @@ def test_paired_timing_and_cache_sweep_in_process(tiny_clip_path, tmp_path, caps
     assert code == 0
     obj = load_efficiency(out / "efficiency_tiny-clip_4cls.json")
     paired = obj["paired_throughput"]["batches"]["2"]
-    assert paired["samples"] == 2 and paired["ratio"] > 0
+    assert paired["samples"] == 2
     sweep = obj["cache_sweep"]
-    assert sweep["evaluations"] == 9 and sweep["num_images"] == 4 and sweep["ratio"] > 0
+    assert sweep["evaluations"] == 9 and sweep["num_images"] == 4
     assert {r["method"] for r in sweep["runs"]} == {"ZeroshotCLIP", "CoOp", "SelfTPT"}
     assert "paired in one process" in printed and "cache: 3 seeds x 3 prompt methods" in printed

@@ -103,9 +103,7 @@ def test_zeroshot_clip_evaluates_without_training(tmp_path, tiny_data_root, tiny
     assert run_cli(["--output-dir", out, *tiny_opts(tiny_data_root, tiny_clip_path, "ZeroshotCLIP")])[0] == 0
     rec = results(out)
     assert rec["trainer"] == "ZeroshotCLIP" and rec["num_images"] == 24
-    assert 0.0 <= rec["metrics"]["accuracy"] <= 100.0
     timing = rec["extra"]["timing"]  # one-time text features, then the loop over 24 images
-    assert timing["prepare_seconds"] > 0 and timing["eval_seconds"] > 0
     assert timing["seconds_per_image"] == pytest.approx(timing["eval_seconds"] / 24, rel=0.05, abs=1e-4)
     assert "ms per image" in (out / "log.txt").read_text()
 
