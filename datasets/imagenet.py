@@ -6,7 +6,13 @@ import os.path as osp
 from selftpt.toolbox import DATASET_REGISTRY, listdir_nohidden
 
 from .catalog import CATALOG
-from .common import DatasetError, make_datums, read_entry_pickle, write_entry_pickle
+from .common import (
+    COOP_IMAGENET_LISTING,
+    OWN_IMAGENET_LISTING,
+    DatasetError,
+    load_shared_cache,
+    write_entry_pickle,
+)
 from .template import SplitDataset, Splits, folder_datums, read_classnames, read_imagenet_classnames
 
 
@@ -15,9 +21,10 @@ class ImageNet(SplitDataset):
     """ImageNet (Deng et al., CVPR 2009), 1000 classes with CLIP's class names.
 
     As in CoOp the official val set is the test set (and the val set); few-shot sampling
-    draws from train only. The listing of 1.3M files is cached in ``preprocessed.pkl``
-    (paths relative to the dataset folder; CoOp's own cache is read too), rebuilt when
-    unreadable or when its images have moved.
+    draws from train only. Listing 1.3M files is slow, so the listing is cached: CoOp's
+    ``preprocessed.pkl`` (pickled ``Datum`` objects) is read when present and never written;
+    the project's own ``preprocessed.selftpt.pkl`` (paths relative to the dataset folder) is
+    read otherwise, and rebuilt when unreadable or when its images have moved.
     """
 
     spec = CATALOG["ImageNet"]
@@ -25,20 +32,20 @@ class ImageNet(SplitDataset):
     read_classnames = staticmethod(read_classnames)
 
     def read_full_split(self) -> Splits:
-        self.preprocessed = osp.join(self.dataset_dir, "preprocessed.pkl")
-        if osp.exists(self.preprocessed):
-            try:
-                cached = read_entry_pickle(self.preprocessed, self.dataset_dir, ("train", "test"))
-                fix = "delete it to rebuild"
-                train, test = (make_datums(cached[k], self.dataset_dir, self.spec.name, self.preprocessed, fix)
-                               for k in ("train", "test"))
-                return train, test, test
-            except (ValueError, DatasetError) as reason:  # DatasetError: cached images gone
-                print(f"ImageNet: {self.preprocessed} is stale or corrupt ({reason}); rebuilding it")
+        # CoOp's attribute name, pointing at the file this project writes
+        self.preprocessed = osp.join(self.dataset_dir, OWN_IMAGENET_LISTING)
+        self.preprocessed_coop = osp.join(self.dataset_dir, COOP_IMAGENET_LISTING)
+        cached = load_shared_cache(
+            self.spec.name, self.dataset_dir, self.preprocessed_coop, self.preprocessed, ("train", "test"),
+            "file listing", lambda content: None, {"dataset": self.spec.name},
+        )
+        if cached is not None:
+            return cached["train"], cached["test"], cached["test"]
         classnames = read_imagenet_classnames(self.spec, self.dataset_dir, self.root)
         train = self.read_data(classnames, "train")
         # standard practice: evaluate on the official val set (CoOp uses it as val too)
         test = self.read_data(classnames, "val")
+        print(f"Saving the file listing to {self.preprocessed}")
         write_entry_pickle(self.preprocessed, self.dataset_dir, {"train": train, "test": test}, dataset="ImageNet")
         return train, test, test
 

@@ -176,23 +176,61 @@ def read_imagenet_classnames(spec: DatasetSpec, dataset_dir: str, root: str) -> 
 
 
 def folder_datums(
-    spec: DatasetSpec, base_dir: str, folders: list[tuple[str, Optional[str]]], classnames_path: str, fix: str
+    spec: DatasetSpec,
+    base_dir: str,
+    folders: list[tuple[str, Optional[str]]],
+    classnames_path: str,
+    fix: str,
+    expected: Optional[int] = None,
 ) -> list:
     """Datums for the images in ``[(folder, classname)]`` under ``base_dir``; label = the
-    folder's position in the list. A folder without a class name or missing is an error."""
-    items = []
-    for label, (folder, classname) in enumerate(folders):
-        path = osp.join(base_dir, folder)
+    folder's position in the list.
+
+    Dassl takes the class count and names from the labels present in ``train_x`` (the
+    images themselves for the ImageNet variants), so a class without images does not fail
+    anywhere: it silently drops out, and with it every later class name moves one label down
+    (label 500's prompt gets class 501's name). Hence, in this order, each one-line error:
+    a folder that is not an ImageNet class, a missing folder, a folder count other than
+    ``expected`` (ImageNet-A/-R list their 200 folders from disk), an empty folder.
+
+    Args:
+        spec: the dataset, for messages.
+        base_dir: the folder holding the class folders.
+        folders: ``(folder, classname)`` in label order; ``classname`` None = not a known class.
+        classnames_path: the class-name file, for messages.
+        fix: how to restore missing images.
+        expected: the number of class folders the dataset has, if checked.
+    """
+    for folder, classname in folders:
         if classname is None:
             raise DatasetError(
-                spec.name, f"folder {folder!r} is not an ImageNet class listed in {classnames_path}", path,
+                spec.name, f"folder {folder!r} is not an ImageNet class listed in {classnames_path}",
+                osp.join(base_dir, folder),
                 "use CoOp's classnames.txt (python prepare_data.py download) and remove stray folders",
             )
-        if not osp.isdir(path):
-            raise DatasetError(spec.name, "class folder not found", path, fix)
-        items.extend(
-            Datum(impath=osp.join(path, name), label=label, classname=classname)
-            for name in listdir_nohidden(path, sort=True)
+    missing = [folder for folder, _ in folders if not osp.isdir(osp.join(base_dir, folder))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DatasetError(spec.name, f"class folder not found{more}", osp.join(base_dir, missing[0]), fix)
+    if expected is not None and len(folders) != expected:
+        raise DatasetError(
+            spec.name, f"{len(folders)} class folders found, {spec.name} has {expected}; a missing class "
+            f"would silently drop out of the label set", base_dir, fix,
+        )
+    items, empty = [], []
+    for label, (folder, classname) in enumerate(folders):
+        path = osp.join(base_dir, folder)
+        names = listdir_nohidden(path, sort=True)
+        if not names:
+            empty.append((label, classname, path))
+        items.extend(Datum(impath=osp.join(path, name), label=label, classname=classname) for name in names)
+    if empty:
+        label, classname, path = empty[0]
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DatasetError(
+            spec.name, f"class {label} ({classname!r}) has no image: its folder is empty{more}; every class "
+            f"needs images (an empty one drops out of the label set and shifts the class names after it)",
+            path, f"restore the folder's images: {fix}",
         )
     return items
 
@@ -218,5 +256,7 @@ class ImageNetVariant(_SpecDataset):
         return self.read_folders([(folder, classnames.get(folder)) for folder in folders])
 
     def read_folders(self, folders: list[tuple[str, Optional[str]]]) -> list:
-        """Datums for ``[(folder, classname)]`` under ``image_dir``, label = list position."""
-        return folder_datums(self.spec, self.image_dir, folders, self.classnames_path, self.spec.setup_fix(self.root))
+        """Datums for ``[(folder, classname)]`` under ``image_dir``, label = list position;
+        every one of the dataset's ``spec.num_classes`` classes must have a non-empty folder."""
+        return folder_datums(self.spec, self.image_dir, folders, self.classnames_path,
+                             self.spec.setup_fix(self.root), expected=self.spec.num_classes)

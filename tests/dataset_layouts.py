@@ -6,10 +6,14 @@ Each builder writes tiny images plus the dataset's own index files in their real
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import pickle
+import sys
+import types
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -298,12 +302,21 @@ def make_imagenet(root: Path, indices=(0, 5, 999), n_train: int = 4, n_val: int 
     return [pairs[i] for i in indices]
 
 
-def make_wnid_variant(root: Path, folder: str, image_dir: str, indices, readme: bool = True):
+def variant_indices(num_classes: int, must: Sequence[int] = (3, 400, 998)) -> list[int]:
+    """``num_classes`` sorted ImageNet class indices including ``must``: a complete
+    ImageNet-A/-R (200) or ImageNet-Sketch (1000) miniature, as the loaders require."""
+    if num_classes >= 1000:
+        return list(range(1000))
+    rest = [i for i in range(1000) if i not in must][:: 1000 // num_classes]
+    return sorted(set(must) | set(rest[: num_classes - len(set(must))]))
+
+
+def make_wnid_variant(root: Path, folder: str, image_dir: str, indices, readme: bool = True, per_class: int = 2):
     """ImageNet-Sketch/-A/-R: ``<folder>/<image_dir>/<wnid>/`` for ``indices`` + classnames.txt."""
     d = root / folder
     pairs = write_classnames(d / "classnames.txt")
     for idx in indices:
-        for i in range(2):
+        for i in range(per_class):
             image(d / image_dir / pairs[idx][0] / f"{i}.png")
     if readme:
         write_lines(["ImageNet-A/R readme"], d / image_dir / "README.txt")
@@ -323,3 +336,59 @@ def make_imagenetv2(root: Path) -> list[tuple[str, str]]:
         for i in range(2 if k in (10, 100) else 1):
             image(base / str(k) / f"{k}_{i}.jpeg")
     return pairs
+
+
+# ----------------------------------------------------------------------------- CoOp's cache files
+
+DASSL_DATUM_MODULE = "dassl.data.datasets.base_dataset"  # where real Dassl defines Datum
+
+
+@contextlib.contextmanager
+def as_dassl_datum(datum_cls: type) -> Iterator[None]:
+    """Within the block, ``datum_cls`` pickles as ``dassl.data.datasets.base_dataset.Datum``
+    (what CoOp's caches name) and that name unpickles to ``datum_cls``: CoOp's environment.
+
+    With the real-Dassl backend the toolbox's ``Datum`` already is that class and nothing
+    changes; with the engine its ``Datum`` (same ``_impath``/``_label``/``_domain``/
+    ``_classname`` state as Dassl's) is put under Dassl's name for the block's duration.
+    """
+    if datum_cls.__module__ == DASSL_DATUM_MODULE:
+        yield
+        return
+    names = ("dassl", "dassl.data", "dassl.data.datasets", DASSL_DATUM_MODULE)
+    saved = {name: sys.modules.get(name) for name in names}
+    home = datum_cls.__module__
+    try:
+        for name in names:
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules[DASSL_DATUM_MODULE].Datum = datum_cls
+        datum_cls.__module__ = DASSL_DATUM_MODULE
+        yield
+    finally:
+        datum_cls.__module__ = home
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def coop_pickle(obj: Any, datum_cls: type) -> bytes:
+    """``obj`` pickled as CoOp writes its caches (``pickle.HIGHEST_PROTOCOL``, Datum objects
+    under Dassl's class name)."""
+    with as_dassl_datum(datum_cls):
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    assert DASSL_DATUM_MODULE.encode() in data or b"Datum" not in data
+    return data
+
+
+def coop_load(path: Path, datum_cls: type, keys: Sequence[str]) -> dict[str, list]:
+    """What CoOp's dataset code does with one of its cache files: ``pickle.load`` it (Dassl
+    importable) and use every item of ``keys`` as a ``Datum``. Raises as CoOp would (e.g.
+    ``AttributeError: 'list' object has no attribute 'label'``)."""
+    with as_dassl_datum(datum_cls), open(path, "rb") as f:
+        data = pickle.load(f)
+    for key in keys:
+        for item in data[key]:
+            item.label, item.impath, item.classname  # noqa: B018  (CoOp's accesses)
+    return {key: data[key] for key in keys}

@@ -20,7 +20,7 @@ from datasets.common import DatasetError, split_problems, subsample_classes
 from datasets.prepare import check_dataset, download_files
 from selftpt.config import extend_cfg
 from selftpt.errors import UserError
-from selftpt.toolbox import DATASET_REGISTRY, DatasetBase, Datum, build_dataset, get_cfg_default
+from selftpt.toolbox import DATASET_REGISTRY, USING_DASSL, DatasetBase, Datum, build_dataset, get_cfg_default
 from tests import dataset_layouts as L
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,8 +142,9 @@ def test_imagenet_labels_names_val_as_test_and_relative_cache(tmp_path, capsys):
     assert triples(ds.val) == triples(ds.test)  # val is the test set (CoOp)
     for d in ds.test:
         assert d.impath.split(os.sep)[-2] == chosen[d.label][0]  # wnid folder -> label
-    pkl = tmp_path / "imagenet/preprocessed.pkl"
+    pkl = tmp_path / "imagenet/preprocessed.selftpt.pkl"
     assert pkl.is_file() and str(tmp_path).encode() not in pkl.read_bytes()
+    assert not (tmp_path / "imagenet/preprocessed.pkl").exists()  # CoOp's name, CoOp's format only
 
     moved = tmp_path.parent / (tmp_path.name + "_moved")
     shutil.move(str(tmp_path), moved)
@@ -157,17 +158,26 @@ def test_imagenet_labels_names_val_as_test_and_relative_cache(tmp_path, capsys):
         shutil.move(str(moved), tmp_path)
 
 
-@pytest.mark.parametrize("name, folder, image_dir", [
+WNID_VARIANTS = [
     ("ImageNetA", "imagenet-adversarial", "imagenet-a"),
     ("ImageNetR", "imagenet-rendition", "imagenet-r"),
     ("ImageNetSketch", "imagenet-sketch", "images"),
-])
+]
+
+
+@pytest.mark.parametrize("name, folder, image_dir", WNID_VARIANTS)
 def test_wnid_variants_map_folders_to_imagenet_names(tmp_path, name, folder, image_dir):
-    chosen = L.make_wnid_variant(tmp_path, folder, image_dir, indices=(3, 400, 998))
+    n = CATALOG[name].num_classes  # the loaders require every class folder (200, or 1000)
+    indices = L.variant_indices(n)
+    chosen = L.make_wnid_variant(tmp_path, folder, image_dir, indices=indices, per_class=1)
+    (tmp_path / folder / image_dir / chosen[1][0] / "1.png").write_bytes(L.JPEG)  # a class of 2
     ds = load(tmp_path, name)
-    # label = position in the subset, class name = ImageNet's name of the wnid
-    assert ds.classnames == ["class 3", "name400", "name998"]
-    assert ds.num_classes == 3 and len(ds.test) == 6
+    # label = position among the sorted wnid folders, class name = ImageNet's name of the wnid
+    pairs = L.imagenet_classnames()
+    assert ds.classnames == [pairs[i][1] for i in indices]
+    assert ds.classnames[indices.index(3)] == "class 3" and ds.classnames[indices.index(400)] == "name400"
+    assert ds.classnames[indices.index(998)] == "name998"
+    assert ds.num_classes == n and len(ds.test) == n + 1
     for d in ds.test:
         assert d.impath.split(os.sep)[-2] == chosen[d.label][0]
     assert not any(d.impath.endswith("README.txt") for d in ds.test)
@@ -200,8 +210,14 @@ def _expected_fewshot(ds_full, shots, seed):
     return triples(train), triples(val)
 
 
-def _cache(root, shots, seed):
-    return Path(root) / "dtd" / "split_fewshot" / f"shot_{shots}-seed_{seed}.pkl"
+def _cache(root, shots, seed, folder="dtd"):
+    """The project's few-shot cache (its own name: CoOp's is for CoOp's format)."""
+    return Path(root) / folder / "split_fewshot" / f"shot_{shots}-seed_{seed}.selftpt.pkl"
+
+
+def _coop_cache(root, shots, seed, folder="dtd"):
+    """CoOp's few-shot cache: a pickle of {"train": [Datum], "val": [Datum]}."""
+    return Path(root) / folder / "split_fewshot" / f"shot_{shots}-seed_{seed}.pkl"
 
 
 @pytest.mark.parametrize("shots, counts", [(1, (5, 5)), (4, (20, 20)), (8, (40, 20)), (16, (50, 20))])
@@ -300,7 +316,7 @@ def test_reads_coop_legacy_cache_of_pickled_datums_from_an_old_root(tmp_path, mo
         old = "/old/mount/data/dtd/"
         return [LegacyDatum(old + os.path.relpath(d.impath, tmp_path / "dtd"), d.label, d.classname) for d in keep]
 
-    cache = _cache(tmp_path, 2, 1)
+    cache = _coop_cache(tmp_path, 2, 1)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(pickle.dumps({"train": legacy(full.train_x, 2), "val": legacy(full.val, 2)}))
     monkeypatch.undo()  # unpickling must not need dassl
@@ -310,6 +326,248 @@ def test_reads_coop_legacy_cache_of_pickled_datums_from_an_old_root(tmp_path, mo
     expected = [(os.path.relpath(d.impath, tmp_path), d.label, d.classname)
                 for d in full.train_x if d.impath.endswith(("0003tr.jpg", "0004tr.jpg"))]
     assert triples(ds.train_x, tmp_path) == expected
+
+
+# ----------------------------------------------------------------------------- stale few-shot caches
+
+
+def _swap_train_and_test(root, classes=None):
+    """Rebuild DTD's split file with the train and test images of ``classes`` (default: all)
+    exchanged, as a re-made split would: the same images, other roles."""
+    path = root / "dtd/split_zhou_DescribableTextures.json"
+    split = json.loads(path.read_text())
+
+    def swap(entry):
+        return classes is None or entry[1] in classes
+
+    train = [e for e in split["train"] if not swap(e)] + [e for e in split["test"] if swap(e)]
+    test = [e for e in split["test"] if not swap(e)] + [e for e in split["train"] if swap(e)]
+    L.write_json({"train": train, "val": split["val"], "test": test}, path)
+
+
+def test_fewshot_cache_of_a_rebuilt_split_is_redrawn(tmp_path, capsys):
+    """The cache is tied to the split it was drawn from: after the split file is rebuilt,
+    cached training images may now be test images, so the subset is drawn again."""
+    L.make_split_dataset(tmp_path, "DescribableTextures")
+    old = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    _swap_train_and_test(tmp_path)
+    full = load(tmp_path, "DescribableTextures")
+    capsys.readouterr()
+    ds = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    out = capsys.readouterr().out
+    assert "drawn from another version of the split" in out and "rebuilding it" in out
+    test_paths = {d.impath for d in ds.test}
+    assert not test_paths & {d.impath for d in ds.train_x}  # no test image trained on
+    assert test_paths >= {d.impath for d in old.train_x}  # (the old subset is all test now)
+    assert (triples(ds.train_x), triples(ds.val)) == _expected_fewshot(full, 2, seed=1)
+    load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    assert "rebuilding" not in capsys.readouterr().out  # the redrawn cache is kept
+
+
+def test_fewshot_cache_survives_a_reformatted_split_file(tmp_path, capsys):
+    """The fingerprint is of the lists, not the file's bytes: the same split re-saved with
+    other whitespace (e.g. downloaded again) keeps the cache."""
+    L.make_split_dataset(tmp_path, "DescribableTextures")
+    first = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    path = tmp_path / "dtd/split_zhou_DescribableTextures.json"
+    path.write_text(json.dumps(json.loads(path.read_text())))  # one line, no indentation
+    capsys.readouterr()
+    random.seed(999)
+    again = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    out = capsys.readouterr().out
+    assert "Loading preprocessed few-shot data" in out and "rebuilding" not in out
+    assert triples(again.train_x) == triples(first.train_x)
+
+
+def test_cache_files_never_run_code(tmp_path, capsys):
+    """A cache in a shared $DATA is only data: a pickle naming any class but Datum is
+    refused (and the subset rebuilt), never executed."""
+    L.make_split_dataset(tmp_path, "DescribableTextures")
+    good = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for cache in (_cache(tmp_path, 2, 1), _coop_cache(tmp_path, 2, 1)):
+        cache.write_bytes(pickle.dumps({"train": [Payload()], "val": []}))
+    capsys.readouterr()
+    again = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    out = capsys.readouterr().out
+    assert not marker.exists()
+    assert "unreadable (UnpicklingError)" in out and "rebuilding it" in out
+    assert triples(again.train_x) == triples(good.train_x)
+
+
+# ----------------------------------------------------------------------------- caches shared with CoOp
+# CoOp, CoCoOp, PromptSRC ... run on the same $DATA: CoOp's cache files hold pickled Dassl
+# Datum objects (absolute paths) under fixed names, which those codebases load blindly.
+
+
+def _coop_draw(full, shots, seed, with_val=True):
+    """The subset CoOp draws (its train.py seeds, then the dataset calls Dassl's sampler)."""
+    sampler = object.__new__(DatasetBase)
+    random.seed(seed)
+    train = sampler.generate_fewshot_dataset(list(full.train_x), num_shots=shots)
+    val = sampler.generate_fewshot_dataset(list(full.val), num_shots=min(shots, 4)) if with_val else None
+    return train, val
+
+
+def coop_fewshot(root, folder, full, shots, seed, with_val=True):
+    """CoOp's few-shot branch: load its cache if present (must not crash), else draw and
+    write it, pickled Datums under its name (ImageNet: train only)."""
+    path = _coop_cache(root, shots, seed, folder)
+    keys = ("train", "val") if with_val else ("train",)
+    if path.exists():
+        data = L.coop_load(path, Datum, keys)
+        return data["train"], data.get("val")
+    train, val = _coop_draw(full, shots, seed, with_val)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(L.coop_pickle({"train": train, "val": val} if with_val else {"train": train}, Datum))
+    return train, val
+
+
+def coop_imagenet_listing(root, full):
+    """CoOp's ImageNet: read preprocessed.pkl if present (must not crash), else list the
+    files and pickle the Datums there."""
+    path = Path(root) / "imagenet/preprocessed.pkl"
+    if path.exists():
+        data = L.coop_load(path, Datum, ("train", "test"))
+        return data["train"], data["test"]
+    path.write_bytes(L.coop_pickle({"train": list(full.train_x), "test": list(full.test)}, Datum))
+    return list(full.train_x), list(full.test)
+
+
+def test_coop_runs_after_the_project_on_the_same_data(tmp_path, capsys):
+    """(b) After the project ran few-shot DTD and ImageNet on $DATA, CoOp's code reads (or
+    writes) its own files without crashing; the project then reads CoOp's files and gets
+    the subsets CoOp uses, which are the ones the project drew."""
+    L.make_split_dataset(tmp_path, "DescribableTextures")
+    L.make_imagenet(tmp_path)
+    ours = {name: load(tmp_path, name, shots=2, seed=1) for name in ("DescribableTextures", "ImageNet")}
+    full = {name: load(tmp_path, name) for name in ("DescribableTextures", "ImageNet")}
+
+    coop_imagenet_listing(tmp_path, full["ImageNet"])  # CoOp's ImageNet, then its few-shot draws
+    coop = {"DescribableTextures": coop_fewshot(tmp_path, "dtd", full["DescribableTextures"], 2, 1),
+            "ImageNet": coop_fewshot(tmp_path, "imagenet", full["ImageNet"], 2, 1, with_val=False)}
+    for name, (coop_train, _) in coop.items():  # same seed, same split: CoOp draws what the project drew
+        assert triples(coop_train) == triples(ours[name].train_x)
+    # a second CoOp run reads every file under CoOp's names
+    coop_imagenet_listing(tmp_path, full["ImageNet"])
+    coop_fewshot(tmp_path, "dtd", full["DescribableTextures"], 2, 1)
+    coop_fewshot(tmp_path, "imagenet", full["ImageNet"], 2, 1, with_val=False)
+
+    capsys.readouterr()
+    again = {name: load(tmp_path, name, shots=2, seed=1) for name in ours}
+    out = capsys.readouterr().out
+    assert out.count("Loading CoOp's few-shot data") == 2 and "Loading CoOp's file listing" in out
+    assert "rebuilding" not in out and "not using" not in out
+    for name, ds in ours.items():
+        assert triples(again[name].train_x) == triples(ds.train_x)
+        assert triples(again[name].test) == triples(ds.test)
+
+
+def test_coop_cache_written_before_the_project_is_used_as_is(tmp_path, capsys):
+    """(a) A few-shot cache and an ImageNet listing that CoOp wrote (pickled Dassl Datums,
+    absolute paths) are read without dassl and give exactly CoOp's subset; CoOp's files
+    are left byte for byte."""
+    L.make_split_dataset(tmp_path, "DescribableTextures")
+    full = load(tmp_path, "DescribableTextures")
+    last_two = [d for d in full.train_x if d.impath.endswith(("0003tr.jpg", "0004tr.jpg"))]  # not a fresh draw
+    val = [d for d in full.val if d.impath.endswith("0000va.jpg")]
+    cache = _coop_cache(tmp_path, 2, 1)
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(L.coop_pickle({"train": last_two, "val": val}, Datum))
+    assert L.DASSL_DATUM_MODULE.encode() in cache.read_bytes()  # Dassl's class path, as CoOp writes
+    assert USING_DASSL or "dassl" not in sys.modules  # read below without dassl (engine backend)
+    before = cache.read_bytes()
+
+    L.make_imagenet(tmp_path)
+    full_in = load(tmp_path, "ImageNet")
+    (tmp_path / "imagenet/preprocessed.selftpt.pkl").unlink(missing_ok=True)  # only CoOp's listing
+    listing = tmp_path / "imagenet/preprocessed.pkl"
+    listing.unlink(missing_ok=True)
+    coop_imagenet_listing(tmp_path, full_in)  # CoOp writes its listing
+
+    capsys.readouterr()
+    ds = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    imagenet = load(tmp_path, "ImageNet")
+    out = capsys.readouterr().out
+    assert f"Loading CoOp's few-shot data from {cache}" in out and f"Loading CoOp's file listing from {listing}" in out
+    assert (triples(ds.train_x), triples(ds.val)) == (triples(last_two), triples(val))
+    assert triples(imagenet.train_x) == triples(full_in.train_x) and triples(imagenet.test) == triples(full_in.test)
+    assert cache.read_bytes() == before
+    assert not _cache(tmp_path, 2, 1).exists()  # CoOp's subset is not copied into a second file
+    L.coop_load(cache, Datum, ("train", "val"))
+    L.coop_load(listing, Datum, ("train", "test"))
+
+
+def test_stale_coop_cache_is_left_alone_and_not_used(tmp_path, capsys):
+    """CoOp's cache drawn from an older split (its images now test images) is not used:
+    the project draws from the current split, says why, and leaves CoOp's file as it is."""
+    L.make_split_dataset(tmp_path, "DescribableTextures")
+    full = load(tmp_path, "DescribableTextures")
+    coop_fewshot(tmp_path, "dtd", full, 2, 1)
+    cache = _coop_cache(tmp_path, 2, 1)
+    before = cache.read_bytes()
+    _swap_train_and_test(tmp_path, classes={0, 1})
+    capsys.readouterr()
+    ds = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    out = capsys.readouterr().out
+    assert f"not using CoOp's few-shot data {cache}" in out and "is not in the split's train list" in out
+    assert cache.read_bytes() == before
+    assert not {d.impath for d in ds.test} & {d.impath for d in ds.train_x}
+    assert (triples(ds.train_x), triples(ds.val)) == _expected_fewshot(load(tmp_path, "DescribableTextures"), 2, 1)
+
+
+def _old_project_file(path, entries, **meta):
+    """A cache as earlier versions of the project wrote it: its own format (entry lists,
+    relative paths) under CoOp's file name."""
+    data = {"format": "selftpt-cache-v1", **meta}
+    data.update({k: [list(e) for e in v] for k, v in entries.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def test_files_of_earlier_versions_under_coops_names_are_moved_out_of_its_way(tmp_path, capsys):
+    """Earlier versions wrote their own format under CoOp's names, and CoOp crashed on it
+    ('list' object has no attribute 'label'). The project moves such a file to its own name
+    (keeping the subset earlier runs used) and CoOp's reading code works again."""
+    L.make_split_dataset(tmp_path, "DescribableTextures")
+    full = load(tmp_path, "DescribableTextures")
+    last_two = [d for d in full.train_x if d.impath.endswith(("0003tr.jpg", "0004tr.jpg"))]
+    dtd = tmp_path / "dtd"
+    old_fewshot = _coop_cache(tmp_path, 2, 1)
+    _old_project_file(old_fewshot, {"train": triples(last_two, dtd), "val": triples(full.val[:5], dtd)},
+                      dataset="DescribableTextures", num_shots=2, seed=1, num_classes=5)
+    L.make_imagenet(tmp_path)
+    full_in = load(tmp_path, "ImageNet")
+    (tmp_path / "imagenet/preprocessed.selftpt.pkl").unlink(missing_ok=True)  # only CoOp's listing
+    old_listing = tmp_path / "imagenet/preprocessed.pkl"
+    imagenet_dir = tmp_path / "imagenet"
+    _old_project_file(old_listing, {"train": triples(full_in.train_x, imagenet_dir),
+                                    "test": triples(full_in.test, imagenet_dir)}, dataset="ImageNet")
+    with pytest.raises(AttributeError, match="'list' object has no attribute 'label'"):
+        L.coop_load(old_fewshot, Datum, ("train", "val"))  # the bug, as CoOp users saw it
+
+    capsys.readouterr()
+    ds = load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    imagenet = load(tmp_path, "ImageNet")
+    out = capsys.readouterr().out
+    assert f"removed {old_fewshot}" in out and f"removed {old_listing}" in out
+    assert not old_fewshot.exists() and not old_listing.exists()
+    assert _cache(tmp_path, 2, 1).is_file() and (imagenet_dir / "preprocessed.selftpt.pkl").is_file()
+    assert triples(ds.train_x) == triples(last_two)  # the subset earlier runs used is kept
+    assert triples(imagenet.train_x) == triples(full_in.train_x)
+
+    # CoOp now finds no file of its own and writes one; both sides keep working
+    coop_fewshot(tmp_path, "dtd", full, 2, 1)
+    coop_fewshot(tmp_path, "dtd", full, 2, 1)
+    coop_imagenet_listing(tmp_path, full_in)
+    coop_imagenet_listing(tmp_path, full_in)
+    load(tmp_path, "DescribableTextures", shots=2, seed=1)
+    load(tmp_path, "ImageNet")
 
 
 # ----------------------------------------------------------------------------- base / new
@@ -427,6 +685,53 @@ def test_imagenetv2_missing_label_folder(tmp_path):
     with pytest.raises(DatasetError) as e:
         load(tmp_path, "ImageNetV2")
     one_line_error(e, "ImageNetV2", os.path.join("imagenetv2-matched-frequency-format-val", "999"))
+
+
+def _empty_folder(folder: Path) -> None:
+    for f in folder.iterdir():
+        f.unlink()
+
+
+@pytest.mark.parametrize("name", ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"])
+def test_imagenet_variant_with_an_empty_class_folder_is_refused(tmp_path, name):
+    """An empty class folder made Dassl (which names classes from the labels present) drop
+    the class and shift every later class name: label 500's prompt got class 501's name."""
+    spec = CATALOG[name]
+    if name == "ImageNetV2":
+        L.make_imagenetv2(tmp_path)
+        label, folder = 500, tmp_path / spec.folder / spec.image_dir / "500"
+    else:
+        indices = L.variant_indices(spec.num_classes)
+        chosen = L.make_wnid_variant(tmp_path, spec.folder, spec.image_dir, indices=indices, per_class=1)
+        label = spec.num_classes // 2
+        folder = tmp_path / spec.folder / spec.image_dir / chosen[label][0]
+    _empty_folder(folder)
+    with pytest.raises(DatasetError) as e:
+        load(tmp_path, name)
+    one_line_error(e, name, folder, f"class {label} (", "folder is empty", spec.source.split()[0])
+
+
+@pytest.mark.parametrize("name", ["ImageNetSketch", "ImageNetA", "ImageNetR"])
+def test_imagenet_variant_with_a_missing_class_folder_is_refused(tmp_path, name):
+    """ImageNet-A/-R (200 of ImageNet's classes, listed from disk) ran on 199 classes
+    without a word when a class folder was missing; Sketch on 999."""
+    spec = CATALOG[name]
+    indices = L.variant_indices(spec.num_classes)
+    del indices[17]
+    L.make_wnid_variant(tmp_path, spec.folder, spec.image_dir, indices=indices, per_class=1)
+    with pytest.raises(DatasetError) as e:
+        load(tmp_path, name)
+    one_line_error(e, name, tmp_path / spec.folder / spec.image_dir,
+                   f"{spec.num_classes - 1} class folders found, {name} has {spec.num_classes}", spec.source.split()[0])
+
+
+def test_imagenet_with_an_empty_class_folder_is_refused(tmp_path):
+    L.make_imagenet(tmp_path)
+    folder = tmp_path / "imagenet/images/val" / L.imagenet_classnames()[5][0]
+    _empty_folder(folder)
+    with pytest.raises(DatasetError) as e:
+        load(tmp_path, "ImageNet")
+    one_line_error(e, "ImageNet", folder, "class 1 ('class 5')", "folder is empty")
 
 
 # ----------------------------------------------------------------------------- checker
