@@ -6,6 +6,9 @@ Self-TPT paper is silent (see ``docs/method.md``); set them to the paper's value
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from yacs.config import CfgNode as CN
 
 
@@ -24,6 +27,14 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.DATASET.SKIP_CORRUPT_IMAGES = False  # skip unreadable images (counted in results)
 
     cfg.MODEL.BACKBONE.PATH = ""  # local CLIP file (TorchScript or state_dict); overrides download
+
+    # Checkpoints: Dassl saves only the last epoch by default (CHECKPOINT_FREQ 0), so an
+    # interrupted run restarted from scratch. Saving after every epoch costs little (prompts and
+    # heads are KBs to MBs); older epoch files are deleted once the next complete set is written.
+    cfg.TRAIN.CHECKPOINT_FREQ = 1  # epochs between checkpoints; <= 0: last epoch only (Dassl)
+    # model.pth.tar-<epoch> files kept per model, newest first (the last epoch's, which eval-only
+    # runs load with --load-epoch, is always among them); 0 = keep all (Dassl)
+    cfg.TRAIN.KEEP_CHECKPOINTS = 1
 
     cfg.TRAINER.METHOD_NAME = ""  # display name in tables (e.g. "SelfTPT-v"); "" = TRAINER.NAME
 
@@ -84,3 +95,158 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.TEST.ECE_BINS = 15  # expected calibration error bins
     cfg.TEST.FEATURE_CACHE = ""  # folder of cached test image features (selftpt/feature_cache.py); "" = off
     return cfg
+
+
+# ------------------------------------------------------------------------------ validation
+# The values each key accepts, checked by ``validate_cfg`` before any work starts (train.py,
+# the sweeps) and again by every trainer's ``check_cfg``; one place for the allowed sets.
+class Rule:
+    """What a key accepts; ``problem(value)`` is None when it does, else what is wrong."""
+
+    def problem(self, value: Any) -> str | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class OneOf(Rule):
+    choices: tuple
+
+    def problem(self, value: Any) -> str | None:
+        return None if value in self.choices else f"allowed: {', '.join(map(str, self.choices))}"
+
+
+@dataclass(frozen=True)
+class Number(Rule):
+    """A number in [low, high] (either bound open when its flag says so; None = unbounded)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not isinstance(value, int)):
+            return f"must be {'an integer' if self.integer else 'a number'}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (too_low or too_high):
+            return None
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+        high = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high}"
+        return f"must be {' and '.join(filter(None, (low, high)))}"
+
+
+@dataclass(frozen=True)
+class Shots(Rule):
+    """DATASET.NUM_SHOTS: -1 (every image, Dassl's default) or a positive number of shots."""
+
+    def problem(self, value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value >= 1)
+        return None if ok else "must be -1 (all images) or a positive number of shots"
+
+
+@dataclass(frozen=True)
+class SubsetOf(Rule):
+    """A list of distinct-enough choices: at least ``minimum`` different ones."""
+
+    choices: tuple
+    minimum: int = 1
+
+    def problem(self, value: Any) -> str | None:
+        unknown = [v for v in value if v not in self.choices]
+        if unknown or len(set(value)) < self.minimum:
+            return f"must list at least {self.minimum} different of: {', '.join(self.choices)}"
+        return None
+
+
+POSITIVE = Number(low=0, low_open=True)
+NON_NEGATIVE = Number(low=0)
+COUNT = Number(low=1, integer=True)
+FRACTION = Number(low=0, high=1, low_open=True)  # (0, 1]
+
+
+def _rules() -> dict[str, Rule]:
+    from selftpt.cpt import ADAPTATION_OPTIMIZERS, HEADS, VIEWS
+    from selftpt.precision import PRECISIONS
+    from selftpt.prompt_learner import POSITIONS
+    from selftpt.templates import ENSEMBLES
+    from selftpt.engine.optim import AVAI_OPTIMS, AVAI_SCHEDS  # Dassl's lists, as the engine writes them
+
+    rules: dict[str, Rule] = {
+        "DATASET.NUM_SHOTS": Shots(),
+        "DATASET.SUBSAMPLE_CLASSES": OneOf(("all", "base", "new")),
+        "INPUT.INTERPOLATION": OneOf(("bilinear", "bicubic", "nearest")),
+        "OPTIM.NAME": OneOf(tuple(AVAI_OPTIMS)),
+        "OPTIM.LR_SCHEDULER": OneOf(tuple(AVAI_SCHEDS)),
+        "OPTIM.LR": POSITIVE,
+        "OPTIM.WEIGHT_DECAY": NON_NEGATIVE,
+        "OPTIM.WARMUP_TYPE": OneOf(("constant", "linear")),
+        "DATALOADER.TRAIN_X.BATCH_SIZE": COUNT,
+        "DATALOADER.TEST.BATCH_SIZE": COUNT,
+        "DATALOADER.NUM_WORKERS": Number(low=0, integer=True),
+        "TEST.FINAL_MODEL": OneOf(("last_step", "best_val")),
+        "TRAIN.CHECKPOINT_FREQ": Number(low=0, integer=True),
+        "TRAIN.KEEP_CHECKPOINTS": Number(low=0, integer=True),
+        "TEST.ECE_BINS": COUNT,
+        "TRAINER.ZSCLIP.ENSEMBLE": OneOf(ENSEMBLES),
+        "TRAINER.COOP.CLASS_TOKEN_POSITION": OneOf(POSITIONS),
+        "TRAINER.TPT.N_VIEWS": COUNT,
+        "TRAINER.TPT.SELECTION_P": FRACTION,
+        "TRAINER.TPT.STEPS": Number(low=0, integer=True),
+        "TRAINER.TPT.LR": POSITIVE,
+        "TRAINER.TPT.AUGMIX": OneOf(("auto", "on", "off")),
+        "TRAINER.SELFTPT.CLASS_TOKEN_POSITION": OneOf(POSITIONS),
+        "TRAINER.SELFTPT.CLS_VIEW": OneOf(("single", "mean")),
+        "TRAINER.SELFTPT.CPT_VIEWS": SubsetOf(VIEWS, minimum=2),
+        "TRAINER.SELFTPT.HEAD": OneOf(HEADS),
+        "TRAINER.SELFTPT.TEMPERATURE": POSITIVE,
+        "TRAINER.SELFTPT.CPT_MAX_CLASSES": Number(low=2, integer=True),
+        "TRAINER.SELFTPT.LAMBDA_CPT": NON_NEGATIVE,
+        "TRAINER.SELFTPT.LAMBDA_GM": NON_NEGATIVE,
+        "TRAINER.SELFTPT.GM_EMA": Number(low=0, high=1, high_open=True),
+        "TRAINER.SELFTPT.GRAD_COS_FREQ": Number(low=0, integer=True),
+        "TRAINER.SELFTPT.TTA_STEPS": Number(low=0, integer=True),
+        "TRAINER.SELFTPT.TTA_LR": POSITIVE,
+        "TRAINER.SELFTPT.TTA_OPTIM": OneOf(tuple(ADAPTATION_OPTIMIZERS)),
+        "TRAINER.SELFTPT.N_VIEWS": COUNT,
+        "TRAINER.SELFTPT.VIEW_AGGREGATION": OneOf(("mean", "confident")),
+        "TRAINER.SELFTPT.SELECTION_P": FRACTION,
+        "TRAINER.SELFTPT.AUGMIX": OneOf(("auto", "on", "off")),
+    }
+    for node in ("COOP", "COCOOP", "TPT", "SELFTPT"):
+        rules[f"TRAINER.{node}.N_CTX"] = COUNT
+    for node in ("COOP", "COCOOP", "ZSCLIP", "TPT", "SELFTPT"):
+        rules[f"TRAINER.{node}.PREC"] = OneOf(PRECISIONS)
+    return rules
+
+
+def _lookup(cfg: CN, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate_cfg(cfg: CN, trains: bool = True) -> None:
+    """Refuse a bad value of any key with one ``ConfigError`` line naming the key, the value
+    and what is allowed, before any work starts.
+
+    Args:
+        cfg: the merged config.
+        trains: the trainer trains (then ``OPTIM.MAX_EPOCH`` must be at least 1).
+    """
+    from selftpt.errors import ConfigError
+
+    for key, rule in _rules().items():
+        value = _lookup(cfg, key)
+        problem = rule.problem(value)
+        if problem:
+            raise ConfigError(f"{key} is {value!r}; {problem}")
+    if trains and COUNT.problem(cfg.OPTIM.MAX_EPOCH):
+        raise ConfigError(f"OPTIM.MAX_EPOCH is {cfg.OPTIM.MAX_EPOCH!r}; a trainer that trains needs at "
+                          "least 1 epoch (training-free trainers: ZeroshotCLIP, TPT)")
+    s = cfg.TRAINER.SELFTPT
+    if s.USE_GM and not s.USE_CPT:
+        raise ConfigError("TRAINER.SELFTPT.USE_GM is True but USE_CPT is False; GM aligns the CPT gradient, "
+                          "so set USE_CPT True or USE_GM False")

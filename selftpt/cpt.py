@@ -20,6 +20,9 @@ from selftpt.prompted_clip import PromptedCLIP
 
 HANDCRAFTED = "handcrafted"
 VIEWS = (*POSITIONS, HANDCRAFTED)
+HEADS = ("mlp", "linear", "none")
+# Optimisers of the stage-2 adaptation (TRAINER.SELFTPT.TTA_OPTIM), torch's defaults otherwise.
+ADAPTATION_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 def build_head(kind: str, dim: int) -> nn.Module:
@@ -30,7 +33,7 @@ def build_head(kind: str, dim: int) -> nn.Module:
         return nn.Linear(dim, dim)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"TRAINER.SELFTPT.HEAD must be mlp, linear or none; got {kind!r}")
+    raise ValueError(f"TRAINER.SELFTPT.HEAD must be one of {HEADS}; got {kind!r}")
 
 
 def sample_classes(required: torch.Tensor, n_cls: int, max_classes: int,

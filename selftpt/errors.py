@@ -5,6 +5,10 @@ class UserError(Exception):
     """A problem in the user's input (config, flags, files) with a message that says the fix."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config key with a value it does not accept; the message names key, value and what is allowed."""
+
+
 class DatasetError(UserError, ValueError):
     """A problem with a dataset on disk, as one line: ``<dataset>: <problem>: <path>. Fix: <fix>``.
 

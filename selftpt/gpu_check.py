@@ -100,7 +100,7 @@ def run_check(check: Check, args: argparse.Namespace, root: Path, weights: Path,
     row = {"method": check.label, "precision": trainer.precision, "classes": trainer.num_classes,
            "build s": time.perf_counter() - start}
     problems = []
-    if getattr(trainer, "TRAINS", True):
+    if trainer.TRAINS:
         trainer.set_model_mode("train")
         trainer.epoch, trainer.num_batches = 0, args.steps + 1  # no epoch end: no LR step
         batches = iter(trainer.train_loader_x)

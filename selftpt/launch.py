@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from selftpt.clip_loader import available_backbones
-from selftpt.config import extend_cfg
+from selftpt.config import extend_cfg, validate_cfg
 from selftpt.errors import UserError
 from selftpt.results import RESULTS_FILENAME, make_record, write_results
 from selftpt.toolbox import (
@@ -148,6 +148,22 @@ def check_cfg_names(cfg: Any) -> None:
         _check_name("backbone", backbone, available_backbones(), "--backbone or MODEL.BACKBONE.NAME")
 
 
+def check_eval_only(args: argparse.Namespace, cfg: Any) -> None:
+    """Refuse ``--eval-only`` without ``--model-dir`` for a trainer that trains: it would
+    evaluate an untrained prompt (Self-TPT: and a random CPT head) under the method's name.
+    Training-free trainers (``TRAINS = False``) evaluate without trained weights."""
+    if not args.eval_only or args.model_dir:
+        return
+    if getattr(TRAINER_REGISTRY.get(cfg.TRAINER.NAME), "TRAINS", True):
+        free = sorted(n for n in TRAINER_REGISTRY.registered_names()
+                      if not getattr(TRAINER_REGISTRY.get(n), "TRAINS", True))
+        raise UserError(
+            f"--eval-only needs --model-dir for {cfg.TRAINER.NAME}: give the output directory of its "
+            f"training run (and --load-epoch <its MAX_EPOCH>); without one it would evaluate untrained "
+            f"weights. Only training-free trainers ({', '.join(free)}) evaluate without a model"
+        )
+
+
 def prepare_output_dir(output_dir: str) -> None:
     """Refuse a finished run; rotate an interrupted run's log so log.txt is the newest."""
     finished = osp.join(output_dir, RESULTS_FILENAME)
@@ -166,6 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     """Run one job as CoOp's ``main`` does; returns the record written to results.json."""
     cfg = setup_cfg(args)
     check_cfg_names(cfg)
+    check_eval_only(args, cfg)
+    validate_cfg(cfg, trains=TRAINER_REGISTRY.get(cfg.TRAINER.NAME).TRAINS)
     prepare_output_dir(cfg.OUTPUT_DIR)
     if cfg.SEED >= 0:
         print(f"Setting fixed seed: {cfg.SEED}")
@@ -194,7 +212,7 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
     print(f"Toolbox backend: {BACKEND}")
 
     trainer = build_trainer(cfg)
-    if args.eval_only or not getattr(trainer, "TRAINS", True):
+    if args.eval_only or not trainer.TRAINS:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
         trainer.test()
     elif not args.no_train:
@@ -207,7 +225,8 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
     record = make_record(cfg, result["metrics"], result["num_images"],
                          extra={"split_evaluated": result["split"], "timing": result.get("timing", {}),
                                 "skipped_images": result.get("skipped_images", []),
-                                **getattr(trainer, "result_extra", {})})
+                                **getattr(trainer, "result_extra", {})},
+                         model=trainer.model_record())
     path = write_results(cfg.OUTPUT_DIR, record)
     print(f"Results written to {path}")
     return record

@@ -16,12 +16,21 @@ CoOp's lines for people and for old parsers). One run = one ``OUTPUT_DIR/results
       "seed": 1,                       # cfg.SEED (negative = not seeded)
       "backbone": "ViT-B/16",          # cfg.MODEL.BACKBONE.NAME
       "config_digest": "<64 hex>",     # sha256 of the config without VOLATILE_CFG_KEYS
+      "config": {"OPTIM": {"MAX_EPOCH": 10, ...}, ...},  # the full config (optional; see below)
       "metrics": {"accuracy": 93.2, "error_rate": 6.8, "macro_f1": 92.9, "ece": 3.1, ...},
       "num_images": 1549,              # images evaluated
       "extra": {...},                  # free-form JSON (adaptation time, CPT loss, ...)
+      "model": {"source": "checkpoint", "directory": "/abs/run", "epoch": 10,
+                "files": {"prompt_learner": "/abs/run/prompt_learner/model.pth.tar-10"}},
       "created": "2025-01-01T12:00:00+00:00",
       "output_dir": "/abs/path/to/output/dir"
     }
+
+``model`` (optional; absent in older files) says which weights were evaluated: ``source`` is
+``trained`` (trained in this run, ``resumed_from`` = ``{"directory", "epoch"}`` of the checkpoint
+it continued, or null), ``checkpoint`` (loaded with ``--model-dir``) or ``none`` (a
+training-free method without trained weights); ``directory``, ``epoch`` and ``files`` (model
+name -> checkpoint path) where weights came from a checkpoint folder.
 
 Metrics are percentages (0-100), like Dassl's evaluator; ``macro_f1`` and ``ece`` may be
 ``null`` when not computed; further metric keys may hold any finite number. Readers ignore
@@ -29,6 +38,15 @@ top-level keys they do not know, so schema 1 can grow optional fields without br
 
 The config digest leaves out ``SEED`` on purpose: all seeds of one setting share a digest, so
 the aggregator can tell when a group of seeds silently mixes different settings.
+
+``config`` (optional; absent in older files) is the run's whole config as nested objects, so a
+sweep that finds a finished run can name the settings that differ from the ones it was asked
+for (:func:`config_differences`, e.g. ``OPTIM.MAX_EPOCH: 1 -> 200``) instead of only seeing
+another digest.
+
+A file that is not valid JSON is *torn* (a crash or a full disk while it was copied, a hand
+edit): :func:`read_results` raises :class:`TornResultsError`, the tables count its seed as
+missing, and the sweep moves the file aside and runs that run again.
 """
 from __future__ import annotations
 
@@ -51,6 +69,8 @@ VOLATILE_CFG_KEYS: tuple[str, ...] = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "S
 # Optional config key holding a display name such as "SelfTPT-v" or "CoOp+CPT".
 METHOD_CFG_KEY = "TRAINER.METHOD_NAME"
 SUBSAMPLE_CHOICES = ("all", "base", "new")
+# ``model.source``: trained in this run | loaded from --model-dir | training-free, no weights.
+MODEL_SOURCES = ("trained", "checkpoint", "none")
 # Metrics every file carries; the first must be a number, the rest may be null.
 REQUIRED_METRICS = ("accuracy", "error_rate", "macro_f1", "ece")
 
@@ -77,6 +97,10 @@ class ResultsFileError(ValueError):
     """A results file (or record) that is unreadable or does not follow the schema."""
 
 
+class TornResultsError(ResultsFileError):
+    """A results file that is not valid JSON (cut short or damaged): the run must be redone."""
+
+
 def _cfg_get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
@@ -91,6 +115,44 @@ def _cfg_as_dict(cfg: Any) -> dict:
     if hasattr(cfg, "dump"):
         return yaml.safe_load(cfg.dump()) or {}
     return json.loads(json.dumps(cfg, default=str))
+
+
+def config_as_dict(cfg: Any) -> dict:
+    """The config as nested JSON values (tuples become lists), as stored in ``config``."""
+    return json.loads(json.dumps(_cfg_as_dict(cfg), default=str))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+_ABSENT = object()
+
+
+def config_differences(stored: Any, requested: Any,
+                       volatile: tuple[str, ...] = VOLATILE_CFG_KEYS) -> list[str]:
+    """The settings in which two configs differ, as ``KEY: stored -> requested`` lines (sorted).
+
+    Keys in ``volatile`` are left out, as in :func:`config_digest`, so an empty list means equal
+    digests. A key only one side has reads ``(absent)`` on the other: a key added to the
+    defaults after a run was made is a difference, since that run may have behaved otherwise.
+    """
+    old, new = _flat(config_as_dict(stored)), _flat(config_as_dict(requested))
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key in volatile:
+            continue
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a != b:
+            shown = ["(absent)" if v is _ABSENT else json.dumps(v) for v in (a, b)]
+            lines.append(f"{key}: {shown[0]} -> {shown[1]}")
+    return lines
 
 
 def config_digest(cfg: Any, volatile: tuple[str, ...] = VOLATILE_CFG_KEYS) -> str:
@@ -131,6 +193,7 @@ def make_record(
     extra: Mapping[str, Any] | None = None,
     method: str | None = None,
     output_dir: str | os.PathLike | None = None,
+    model: Mapping[str, Any] | None = None,
 ) -> dict:
     """Build a schema-1 record from a yacs config and the evaluator's metrics.
 
@@ -142,6 +205,8 @@ def make_record(
         extra: free-form JSON-serialisable details (numpy/torch values are converted).
         method: display name; defaults to ``cfg.TRAINER.METHOD_NAME`` or the trainer name.
         output_dir: defaults to ``cfg.OUTPUT_DIR``.
+        model: which weights were evaluated (the ``model`` field; see the module docstring);
+            None leaves the field out.
     """
     if "accuracy" not in metrics:
         raise ResultsFileError(f"metrics need an 'accuracy' entry, got keys {sorted(metrics)}")
@@ -162,12 +227,15 @@ def make_record(
         "seed": int(_cfg_get(cfg, "SEED", -1)),
         "backbone": str(_cfg_get(cfg, "MODEL.BACKBONE.NAME", "")),
         "config_digest": config_digest(cfg),
+        "config": config_as_dict(cfg),
         "metrics": mets,
         "num_images": int(num_images),
         "extra": json.loads(json.dumps(dict(extra or {}), default=_to_jsonable)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "output_dir": os.path.abspath(output_dir or _cfg_get(cfg, "OUTPUT_DIR", "") or "."),
     }
+    if model is not None:
+        record["model"] = json.loads(json.dumps(dict(model), default=_to_jsonable))
     validate_record(record)
     return record
 
@@ -196,6 +264,12 @@ def validate_record(record: Any, where: str = "results record") -> dict:
         )
     if record["num_images"] < 0:
         raise ResultsFileError(f"{where}: num_images must be >= 0")
+    if "config" in record and not isinstance(record["config"], dict):
+        raise ResultsFileError(f"{where}: field 'config' must be an object, got {record['config']!r}")
+    model = record.get("model")
+    if model is not None and (not isinstance(model, dict) or model.get("source") not in MODEL_SOURCES):
+        raise ResultsFileError(f"{where}: field 'model' must be an object whose 'source' is one of "
+                               f"{MODEL_SOURCES}, got {model!r}")
     metrics = record["metrics"]
     for name in REQUIRED_METRICS:
         if name not in metrics:
@@ -225,14 +299,14 @@ def read_results(path_or_dir: str | os.PathLike) -> dict:
     """Load and validate a results file (or ``<dir>/results.json``)."""
     path = results_path(path_or_dir)
     try:
-        text = path.read_text(encoding="utf-8")
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no results file at {path} (the run has not finished?)") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ResultsFileError(
-            f"{path} is not valid JSON ({err}); it is torn or hand-edited: delete it and re-run"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        # the sweeps move such a file aside (never delete it) and redo the run; say so here,
+        # since the tables print this message too
+        raise TornResultsError(
+            f"{path} is torn (not valid JSON: {err}); rerunning its sweep moves it aside and redoes the run"
         ) from None
     return validate_record(record, where=str(path))
 

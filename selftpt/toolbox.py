@@ -28,7 +28,11 @@ Compatibility fixes applied on the real-Dassl path (the user's install is never 
     batch orders than an uninterrupted one; the engine's add ``rng_state`` (ignored by Dassl);
   * Dassl's ``load_model`` crashes with ``TypeError`` when ``val_result`` is None (Dassl #56),
     and its ``resume_model_if_exist`` crashes on a model folder that has no ``checkpoint``
-    file yet; its ``save_checkpoint`` is not atomic (an interrupt can leave a torn file).
+    file yet; its ``save_checkpoint`` is not atomic (an interrupt can leave a torn file);
+  * Dassl's checkpoints hold only the registered models, so trainer state such as Self-TPT's
+    gradient EMA was lost on resume; the engine's add the trainer's ``training_state`` (the
+    ``training_state`` / ``load_training_state`` hooks), resume a set interrupted mid-save from
+    the last epoch every model has, and prune old epoch files (``TRAIN.KEEP_CHECKPOINTS``).
 """
 from __future__ import annotations
 
@@ -125,6 +129,9 @@ if USING_DASSL:
         save_model = _EngineTrainerBase.save_model
         resume_model_if_exist = _EngineTrainerBase.resume_model_if_exist
         load_model = _EngineTrainerBase.load_model
+        training_state = _EngineTrainerBase.training_state
+        load_training_state = _EngineTrainerBase.load_training_state
+        _resumable_set = staticmethod(_EngineTrainerBase._resumable_set)
         _describe_checkpoint = staticmethod(_EngineTrainerBase._describe_checkpoint)
 
     class SimpleTrainer(_EngineCheckpoints, _DasslSimpleTrainer):

@@ -19,10 +19,12 @@ from tqdm import tqdm
 
 from selftpt.calibration import expected_calibration_error
 from selftpt.clip_loader import load_clip
+from selftpt.config import validate_cfg
+from selftpt.engine.checkpoint import IncompleteCheckpointError
 from selftpt.errors import UserError
 from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
 from selftpt.feature_cache import cached_eval_logits
-from selftpt.precision import PRECISIONS, autocast, make_grad_scaler, resolve_precision
+from selftpt.precision import autocast, make_grad_scaler, resolve_precision
 from selftpt.toolbox import (
     DataManager,
     TrainerX,
@@ -44,6 +46,7 @@ class ClipTrainer(TrainerX):
     """Base of the CLIP trainers; ``CFG_NODE`` names the ``TRAINER.<NODE>`` config sub-node."""
 
     CFG_NODE = "COOP"
+    TRAINS = True  # False: nothing to train, train.py evaluates directly (ZeroshotCLIP, TPT)
     # What PREC "auto" means on CUDA: CoOp's fp16 weights; TPT uses "amp" (fp32 + autocast).
     # Other devices run fp32 under "auto"; see selftpt/precision.py for the whole policy.
     AUTO_CUDA_PRECISION = "fp16"
@@ -57,9 +60,8 @@ class ClipTrainer(TrainerX):
         return list(self.dm.dataset.classnames)
 
     def check_cfg(self, cfg: Any) -> None:
-        prec = cfg.TRAINER[self.CFG_NODE].PREC
-        if prec not in PRECISIONS:
-            raise UserError(f"TRAINER.{self.CFG_NODE}.PREC must be one of {PRECISIONS}, got {prec!r}")
+        """Dassl's hook: the same validation ``train.py`` runs before any work (``validate_cfg``)."""
+        validate_cfg(cfg, trains=self.TRAINS)
 
     # ------------------------------------------------------------------------------ data
     def custom_test_transform(self) -> Any:
@@ -250,6 +252,59 @@ class ClipTrainer(TrainerX):
         return list(metrics.values())[0]
 
     # ----------------------------------------------------------------------- checkpoints
+    def training_state(self) -> dict:
+        """What a resumed run needs besides the registered models, optimisers, schedulers and
+        RNG states (saved in every checkpoint by ``save_model``): the best val result so far
+        (``TEST.FINAL_MODEL best_val``) and the GradScaler's loss scale in fp16/amp.
+        Trainers with more state extend the dict (``super().training_state()``)."""
+        state: dict[str, Any] = {"best_result": float(self.best_result)}
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
+        return state
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore ``training_state`` (keys it lacks keep their fresh values)."""
+        if "best_result" in state:
+            self.best_result = state["best_result"]
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None and state.get("grad_scaler"):  # {} = saved by a disabled scaler
+            scaler.load_state_dict(state["grad_scaler"])
+
+    def resume_model_if_exist(self, directory: str) -> int:
+        """Resume as the toolbox's trainer does (models, optimisers, schedulers, RNGs and
+        ``training_state``) and remember it for ``model_record``; returns the start epoch."""
+        try:
+            start_epoch = super().resume_model_if_exist(directory)
+        except IncompleteCheckpointError as exc:
+            raise CheckpointError(str(exc)) from None
+        self._resumed_from = {"directory": osp.abspath(directory), "epoch": start_epoch} if start_epoch else None
+        self._trained_in_run = True
+        return start_epoch
+
+    def model_record(self) -> dict[str, Any]:
+        """Which model the evaluation used, for ``results.json``'s ``model`` key.
+
+        ``source`` is ``trained`` (trained in this run; ``resumed_from`` names the checkpoint
+        it continued, if any), ``checkpoint`` (loaded by ``load_model``: ``--model-dir``) or
+        ``none`` (a training-free method evaluated without trained weights).
+        """
+        loaded = getattr(self, "_loaded_model", None)
+        if getattr(self, "_trained_in_run", False):
+            if loaded is not None:  # TEST.FINAL_MODEL best_val: the best checkpoint was reloaded
+                files, epoch = loaded["files"], loaded["epoch"]
+            else:  # the last epoch's model, in memory and saved as model.pth.tar-<MAX_EPOCH>
+                epoch = self.max_epoch
+                files = {name: osp.abspath(osp.join(self.output_dir, name, f"model.pth.tar-{epoch}"))
+                         for name in self.get_model_names()}
+                files = {name: path for name, path in files.items() if osp.isfile(path)}
+            return {"source": "trained", "directory": osp.abspath(self.output_dir), "epoch": epoch,
+                    "files": files, "resumed_from": getattr(self, "_resumed_from", None)}
+        if loaded is not None:
+            return loaded
+        return {"source": "none",
+                "note": f"{type(self).__name__} is training-free; no trained weights were loaded"}
+
     def load_model(self, directory: str, epoch: int | None = None) -> None:
         """Load the registered models from ``directory`` as CoOp does, with clear errors.
 
@@ -260,6 +315,8 @@ class ClipTrainer(TrainerX):
         if not directory:
             print("Note that load_model() is skipped as no pretrained model is given")
             return
+        files: dict[str, str] = {}
+        epochs: list[int | None] = []
         for name in self.get_model_names():
             path = self._checkpoint_path(directory, name, epoch)
             checkpoint = load_checkpoint(path)
@@ -278,6 +335,10 @@ class ClipTrainer(TrainerX):
             if missing:
                 raise CheckpointError(f"Checkpoint {path} lacks {missing} needed by {name}")
             self._models[name].load_state_dict(state_dict, strict=False)
+            files[name] = osp.abspath(path)
+            epochs.append(checkpoint.get("epoch"))
+        self._loaded_model = {"source": "checkpoint", "directory": osp.abspath(directory),
+                              "epoch": epochs[0] if epochs else None, "files": files}
 
     @staticmethod
     def _checkpoint_path(directory: str, name: str, epoch: int | None) -> str:

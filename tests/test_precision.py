@@ -94,7 +94,7 @@ def _run(method, precision, root, clip_path, out):
     with pytest.warns(UserWarning) if precision != "fp32" else _nothing():
         trainer = build_trainer(cfg)
     assert trainer.precision == precision
-    if getattr(trainer, "TRAINS", True):
+    if trainer.TRAINS:
         trainer.train()  # ends with the evaluation
     else:
         trainer.test()

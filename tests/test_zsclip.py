@@ -113,7 +113,8 @@ def test_a_wrong_ensemble_is_one_line_before_any_work(tiny_data_root, tiny_clip_
                                   "TRAINER.ZSCLIP.ENSEMBLE", "clip81"]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0] == f"error: TRAINER.ZSCLIP.ENSEMBLE must be one of {ENSEMBLES}, got 'clip81'"
+    assert err[0] == f"error: TRAINER.ZSCLIP.ENSEMBLE is 'clip81'; allowed: {', '.join(ENSEMBLES)}"
+    assert not out.exists()  # refused before the output folder is made
     assert not (out / "results.json").exists()
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from selftpt.cpt import ContrastivePromptTask, class_chunks, sample_classes
+from selftpt.cpt import ADAPTATION_OPTIMIZERS, ContrastivePromptTask, class_chunks, sample_classes
 from selftpt.errors import UserError
 from selftpt.losses import GradientEMA, ensemble_views, gradient_matching_loss
 from selftpt.precision import GradientScale
@@ -41,8 +41,6 @@ def differentiable_attention(needed: bool) -> contextlib.AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH) if needed else contextlib.nullcontext()
 
 
-TTA_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
 
 @TRAINER_REGISTRY.register()
 class SelfTPT(PromptedClipTrainer):
@@ -51,16 +49,6 @@ class SelfTPT(PromptedClipTrainer):
     CFG_NODE = "SELFTPT"
 
     # ------------------------------------------------------------------------------ build
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        node = cfg.TRAINER.SELFTPT
-        if node.TTA_OPTIM not in TTA_OPTIMIZERS:
-            raise UserError(f"TRAINER.SELFTPT.TTA_OPTIM must be one of {list(TTA_OPTIMIZERS)}, got {node.TTA_OPTIM!r}")
-        if node.CLS_VIEW not in ("single", "mean"):
-            raise UserError(f"TRAINER.SELFTPT.CLS_VIEW must be single or mean, got {node.CLS_VIEW!r}")
-        if node.USE_GM and not node.USE_CPT:
-            raise UserError("TRAINER.SELFTPT.USE_GM needs USE_CPT True (GM aligns the CPT gradient)")
-
     def custom_test_transform(self) -> TestTimeViews | None:
         node = self.cfg.TRAINER.SELFTPT
         return TestTimeViews.from_cfg(self.cfg, node.N_VIEWS, node.AUGMIX) if node.N_VIEWS > 1 else None
@@ -151,6 +139,35 @@ class SelfTPT(PromptedClipTrainer):
             self.epoch_grad_cos = []
         super().after_epoch()
 
+    def training_state(self) -> dict:
+        """Stage-1 state outside the registered models, so that a resumed run is the same run:
+        the EMA of the CE gradient that GM matches, the CPT class sampler's generator, the
+        gradient loss scale, and the gradient cosines measured so far (``grad_cos_per_epoch``
+        of the results file covers every epoch, not only the resumed ones)."""
+        state = super().training_state()
+        ema = self.grad_ema.value
+        state["selftpt"] = {
+            "grad_ema": None if ema is None else ema.detach().cpu(),
+            "cpt_generator": self.cpt_generator.get_state(),
+            "grad_scale": {"scale": self.grad_scale.scale, "backoffs": self.grad_scale.backoffs},
+            "epoch_grad_cos": list(self.epoch_grad_cos),
+            "grad_cos_per_epoch": list(self.result_extra["grad_cos_per_epoch"]),
+        }
+        return state
+
+    def load_training_state(self, state: dict) -> None:
+        super().load_training_state(state)
+        own = state.get("selftpt")
+        if own is None:
+            return
+        ema = own["grad_ema"]
+        self.grad_ema.value = None if ema is None else ema.to(self.device)
+        self.cpt_generator.set_state(own["cpt_generator"].cpu())
+        self.grad_scale.scale = own["grad_scale"]["scale"]
+        self.grad_scale.backoffs = own["grad_scale"]["backoffs"]
+        self.epoch_grad_cos = list(own["epoch_grad_cos"])
+        self.result_extra["grad_cos_per_epoch"] = list(own["grad_cos_per_epoch"])
+
     # ------------------------------------------------------------------------ stage 2, 3
     def cpt_pass(self, chunks: list[torch.Tensor], ctx: torch.Tensor,
                  with_grad: bool = True) -> tuple[float, torch.Tensor | None]:
@@ -188,7 +205,7 @@ class SelfTPT(PromptedClipTrainer):
             )
         generator = torch.Generator().manual_seed(max(self.cfg.SEED, 0))
         ctx = ctx0.detach().float().clone().requires_grad_(True)  # fp32 master copy
-        optim = TTA_OPTIMIZERS[node.TTA_OPTIM]([ctx], lr=node.TTA_LR)
+        optim = ADAPTATION_OPTIMIZERS[node.TTA_OPTIM]([ctx], lr=node.TTA_LR)
         self.cpt.eval()
         first_chunks = class_chunks(n_cls, node.CPT_MAX_CLASSES, generator)
         covered: set[int] = set()

@@ -73,10 +73,6 @@ class TPT(ClipTrainer):
     # ----------------------------------------------------------------------------- model
     def build_model(self) -> None:
         cfg, node = self.cfg, self.node
-        if not 0.0 < node.SELECTION_P <= 1.0:
-            raise UserError(f"TRAINER.TPT.SELECTION_P must be in (0, 1], got {node.SELECTION_P}")
-        if node.STEPS < 0:
-            raise UserError(f"TRAINER.TPT.STEPS must be >= 0, got {node.STEPS}")
         clip_model = self.load_clip_model()
         print("Building custom CLIP")
         learner = build_prompt_learner(node, self.classnames, clip_model)

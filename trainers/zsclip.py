@@ -2,15 +2,14 @@
 (``ZeroshotCLIP``) or with a prompt ensemble (``ZeroshotCLIP2``)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from selftpt.clip_loader import tokenize
-from selftpt.errors import UserError
 from selftpt.prompt_learner import clean_classname
-from selftpt.templates import ENSEMBLES, ensemble_templates, template_for
+from selftpt.templates import ensemble_templates, template_for
 from selftpt.toolbox import TRAINER_REGISTRY
 from selftpt.trainer_base import ClipTrainer
 
@@ -84,12 +83,6 @@ class ZeroshotCLIP2(ZeroshotCLIP):
     prompt" baseline of TPT's results). The image side is ZeroshotCLIP's one encoder pass, so
     ``TEST.FEATURE_CACHE`` applies unchanged.
     """
-
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        ensemble = cfg.TRAINER.ZSCLIP.ENSEMBLE
-        if ensemble not in ENSEMBLES:
-            raise UserError(f"TRAINER.ZSCLIP.ENSEMBLE must be one of {ENSEMBLES}, got {ensemble!r}")
 
     def build_model(self) -> None:
         self.clip_model = self.load_clip_model().to(self.device)

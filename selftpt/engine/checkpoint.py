@@ -2,12 +2,15 @@
 
 Checkpoints are written atomically (temp file in the same folder + ``os.replace``) and carry
 the random-number-generator states, so that a resumed run continues the same random stream.
+Epoch checkpoints keep Dassl's names (``<name>/model.pth.tar-<epoch>`` plus the ``checkpoint``
+text file naming the latest); ``checkpoint_epochs`` and ``prune_checkpoints`` work on them.
 """
 from __future__ import annotations
 
 import os
 import os.path as osp
 import random
+import re
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -23,6 +26,11 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "resume_from_checkpoint",
+    "restore_checkpoint",
+    "IncompleteCheckpointError",
+    "read_checkpoint_pointer",
+    "checkpoint_epochs",
+    "prune_checkpoints",
     "get_rng_state",
     "set_rng_state",
     "open_all_layers",
@@ -31,6 +39,14 @@ __all__ = [
     "load_pretrained_weights",
     "init_network_weights",
 ]
+
+
+# Dassl's name of the checkpoint saved after an epoch: ``model.pth.tar-<epoch>``.
+EPOCH_CHECKPOINT = re.compile(r"model\.pth\.tar-(\d+)")
+
+
+class IncompleteCheckpointError(FileNotFoundError):
+    """A checkpoint set (one folder per registered model) with no epoch saved for every model."""
 
 
 def _atomic_write(fpath: str, write: Callable[[str], None]) -> None:
@@ -144,27 +160,58 @@ def load_checkpoint(fpath: str) -> dict:
         raise
 
 
-def resume_from_checkpoint(
-    fdir: str,
-    model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    scheduler: Optional[Any] = None,
-) -> int:
-    """Load the latest checkpoint named in ``fdir/checkpoint`` into model/optimizer/scheduler.
-
-    Restores the RNG states when the checkpoint holds them (``rng_state``).
-
-    Returns:
-        The saved epoch, i.e. the epoch to start from.
-    """
+def read_checkpoint_pointer(fdir: str) -> str:
+    """The file name held by ``fdir/checkpoint`` (the latest checkpoint saved in ``fdir``)."""
     pointer = osp.join(fdir, "checkpoint")
     if not osp.isfile(pointer):
         raise FileNotFoundError(f"No 'checkpoint' file in {fdir}; nothing to resume from")
     with open(pointer, "r") as f:
-        fpath = osp.join(fdir, f.readline().strip())
+        return f.readline().strip()
 
-    print(f'Loading checkpoint from "{fpath}"')
-    checkpoint = load_checkpoint(fpath)
+
+def checkpoint_epochs(fdir: str) -> list[int]:
+    """Epochs of the ``model.pth.tar-<epoch>`` files in ``fdir``, ascending ([] if none)."""
+    if not osp.isdir(fdir):
+        return []
+    found = (EPOCH_CHECKPOINT.fullmatch(name) for name in os.listdir(fdir))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def prune_checkpoints(fdir: str, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest ``model.pth.tar-<epoch>`` files of ``fdir``.
+
+    ``keep <= 0`` keeps every file (Dassl's behaviour). The file named by ``fdir/checkpoint``
+    and ``model-best.pth.tar`` are never deleted.
+
+    Returns:
+        The paths deleted.
+    """
+    if keep <= 0:
+        return []
+    try:
+        latest = read_checkpoint_pointer(fdir)
+    except FileNotFoundError:
+        latest = ""
+    removed = []
+    for epoch in checkpoint_epochs(fdir)[:-keep]:
+        name = f"model.pth.tar-{epoch}"
+        if name != latest:
+            os.remove(osp.join(fdir, name))
+            removed.append(osp.join(fdir, name))
+    return removed
+
+
+def restore_checkpoint(
+    checkpoint: dict,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+) -> int:
+    """Load a loaded checkpoint dict into model/optimizer/scheduler and restore its RNG states.
+
+    Returns:
+        The saved epoch, i.e. the epoch to start from.
+    """
     model.load_state_dict(checkpoint["state_dict"])
     print("Loaded model weights")
     if optimizer is not None and "optimizer" in checkpoint:
@@ -179,6 +226,26 @@ def resume_from_checkpoint(
     start_epoch = checkpoint["epoch"]
     print(f"Previous epoch: {start_epoch}")
     return start_epoch
+
+
+def resume_from_checkpoint(
+    fdir: str,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+    fname: str = "",
+) -> int:
+    """Load the latest checkpoint named in ``fdir/checkpoint`` (or ``fdir/fname``) into
+    model/optimizer/scheduler.
+
+    Restores the RNG states when the checkpoint holds them (``rng_state``).
+
+    Returns:
+        The saved epoch, i.e. the epoch to start from.
+    """
+    fpath = osp.join(fdir, fname or read_checkpoint_pointer(fdir))
+    print(f'Loading checkpoint from "{fpath}"')
+    return restore_checkpoint(load_checkpoint(fpath), model, optimizer, scheduler)
 
 
 def open_all_layers(model: nn.Module) -> None:

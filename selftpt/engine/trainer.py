@@ -19,7 +19,17 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import get_rng_state, load_checkpoint, resume_from_checkpoint, save_checkpoint
+from .checkpoint import (
+    EPOCH_CHECKPOINT,
+    IncompleteCheckpointError,
+    checkpoint_epochs,
+    get_rng_state,
+    load_checkpoint,
+    prune_checkpoints,
+    read_checkpoint_pointer,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from .data import DataManager
 from .evaluation import build_evaluator
 from .meters import AverageMeter, MetricMeter
@@ -102,12 +112,33 @@ class TrainerBase:
         return self._optims[name].param_groups[0]["lr"]
 
     # ------------------------------------------------------------ checkpoints
+    def training_state(self) -> dict:
+        """Trainer state beyond the registered models, optimisers, schedulers and RNGs that a
+        resumed run needs to continue exactly (e.g. moving averages, private generators).
+
+        Saved with every checkpoint under ``training_state`` and handed back to
+        ``load_training_state`` on resume. Default: nothing.
+        """
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore what ``training_state`` returned (default: nothing to restore)."""
+
     def save_model(self, epoch: int, directory: str, is_best: bool = False,
                    val_result: Optional[float] = None, model_name: str = "") -> None:
         """Save every registered model to ``directory/<name>/model.pth.tar-<epoch + 1>``
-        (or ``model_name``), with optimiser, scheduler, val result and RNG states."""
+        (or ``model_name``), with optimiser, scheduler, val result, RNG states and the
+        trainer's ``training_state``.
+
+        An epoch checkpoint (no ``model_name``) then prunes the older epoch checkpoints to the
+        newest ``TRAIN.KEEP_CHECKPOINTS`` per model (absent or 0: keep all, as Dassl), and only
+        after the whole set is written: an interrupt between two models' saves leaves the
+        previous epoch complete for ``resume_model_if_exist``.
+        """
         rng_state = get_rng_state()
-        for name in self.get_model_names():
+        training_state = self.training_state()
+        names = self.get_model_names()
+        for name in names:
             optim, sched = self._optims[name], self._scheds[name]
             save_checkpoint(
                 {
@@ -117,27 +148,80 @@ class TrainerBase:
                     "scheduler": sched.state_dict() if sched is not None else None,
                     "val_result": val_result,
                     "rng_state": rng_state,
+                    "training_state": training_state,
                 },
                 osp.join(directory, name),
                 is_best=is_best,
                 model_name=model_name,
             )
+        if not model_name:
+            cfg = getattr(self, "cfg", None)
+            keep = int(cfg.TRAIN.get("KEEP_CHECKPOINTS", 0)) if cfg is not None else 0
+            for name in names:
+                prune_checkpoints(osp.join(directory, name), keep)
 
     def resume_model_if_exist(self, directory: str) -> int:
         """Resume every registered model from ``directory/<name>/`` if all have a saved
-        checkpoint there; return the epoch to start from (0 = from scratch)."""
+        checkpoint there; return the epoch to start from (0 = from scratch).
+
+        The models of one epoch are saved one after the other, so a run killed between two
+        saves leaves ``checkpoint`` files that name different epochs. Such a set is resumed
+        from the last epoch that every model has, with a line saying so. The trainer's
+        ``training_state`` comes from the first model's checkpoint (every model's holds it).
+        """
         names = self.get_model_names()
-        if not all(osp.isfile(osp.join(directory, name, "checkpoint")) for name in names):
+        folders = {name: osp.join(directory, name) for name in names}
+        if not all(osp.isfile(osp.join(folder, "checkpoint")) for folder in folders.values()):
             print("No checkpoint found, train from scratch")
             return 0
+        files = self._resumable_set(folders)
         print(f"Found checkpoint at {directory} (will resume training)")
-        start_epoch = 0
+        start_epoch, first = 0, None
         for name in names:
-            start_epoch = resume_from_checkpoint(
-                osp.join(directory, name), self._models[name], self._optims[name],
-                self._scheds[name],
-            )
+            fpath = osp.join(folders[name], files[name])
+            print(f'Loading checkpoint from "{fpath}"')
+            checkpoint = load_checkpoint(fpath)
+            start_epoch = restore_checkpoint(checkpoint, self._models[name], self._optims[name],
+                                             self._scheds[name])
+            if first is None:
+                first = (fpath, checkpoint)
+        if first is not None:
+            fpath, checkpoint = first
+            if checkpoint.get("training_state") is None:
+                print(f"{fpath} holds no training_state (saved by Dassl or an older version of this "
+                      "project): models, optimisers, schedulers and RNGs resumed; the trainer's own "
+                      "training state starts afresh")
+            else:
+                self.load_training_state(checkpoint["training_state"])
+                print("Restored the trainer's training state")
         return start_epoch
+
+    @staticmethod
+    def _resumable_set(folders: dict[str, str]) -> dict[str, str]:
+        """The checkpoint file to resume each model from: the one its ``checkpoint`` file
+        names when all name the same epoch, else ``model.pth.tar-<E>`` with E the last epoch
+        saved for every model (see ``resume_model_if_exist``)."""
+        pointed = {name: read_checkpoint_pointer(folder) for name, folder in folders.items()}
+        epochs = {}
+        for name, fname in pointed.items():
+            match = EPOCH_CHECKPOINT.fullmatch(fname)
+            epochs[name] = (int(match.group(1)) if match
+                            else load_checkpoint(osp.join(folders[name], fname))["epoch"])
+        if len(set(epochs.values())) <= 1:
+            return pointed
+        saved = [set(checkpoint_epochs(folder)) for folder in folders.values()]
+        common = [e for e in set.intersection(*saved) if e <= min(epochs.values())]
+        found = ", ".join(f"{name} at epoch {epoch}" for name, epoch in epochs.items())
+        if not common:
+            raise IncompleteCheckpointError(
+                f"The checkpoints under {osp.dirname(next(iter(folders.values())))} are from different "
+                f"epochs ({found}) and no epoch is saved for every model; delete those folders to train "
+                "from scratch"
+            )
+        epoch = max(common)
+        print(f"Checkpoints are from different epochs ({found}; the run was stopped while saving): "
+              f"resuming from epoch {epoch}, the last epoch saved for every model")
+        return {name: f"model.pth.tar-{epoch}" for name in folders}
 
     def load_model(self, directory: str, epoch: Optional[int] = None) -> None:
         """Load ``directory/<name>/model-best.pth.tar`` (or ``model.pth.tar-<epoch>``) into
