@@ -6,6 +6,7 @@ Self-TPT paper is silent (see ``docs/method.md``); set them to the paper's value
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,20 @@ class SubsetOf(Rule):
         return None
 
 
+@dataclass(frozen=True)
+class Template(Rule):
+    """A prompt template with exactly one ``{}`` for the class name ("" = the dataset's own)."""
+
+    def problem(self, value: Any) -> str | None:
+        if value == "":
+            return None
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        except ValueError as exc:
+            return f"is not a template ({exc}); write one {{}} where the class name goes"
+        return None if fields == [""] else "must hold exactly one {} where the class name goes"
+
+
 POSITIVE = Number(low=0, low_open=True)
 NON_NEGATIVE = Number(low=0)
 COUNT = Number(low=1, integer=True)
@@ -200,6 +215,7 @@ def _rules() -> dict[str, Rule]:
         "TRAINER.SELFTPT.CLS_VIEW": OneOf(("single", "mean")),
         "TRAINER.SELFTPT.CPT_VIEWS": SubsetOf(VIEWS, minimum=2),
         "TRAINER.SELFTPT.HEAD": OneOf(HEADS),
+        "TRAINER.SELFTPT.HANDCRAFTED_TEMPLATE": Template(),
         "TRAINER.SELFTPT.TEMPERATURE": POSITIVE,
         "TRAINER.SELFTPT.CPT_MAX_CLASSES": Number(low=2, integer=True),
         "TRAINER.SELFTPT.LAMBDA_CPT": NON_NEGATIVE,
@@ -248,5 +264,9 @@ def validate_cfg(cfg: CN, trains: bool = True) -> None:
                           "least 1 epoch (training-free trainers: ZeroshotCLIP, TPT)")
     s = cfg.TRAINER.SELFTPT
     if s.USE_GM and not s.USE_CPT:
-        raise ConfigError("TRAINER.SELFTPT.USE_GM is True but USE_CPT is False; GM aligns the CPT gradient, "
-                          "so set USE_CPT True or USE_GM False")
+        raise ConfigError("TRAINER.SELFTPT.USE_GM is True but TRAINER.SELFTPT.USE_CPT is False; GM aligns the "
+                          "CPT gradient, so set USE_CPT True or USE_GM False")
+    if s.TTA and not s.USE_CPT:
+        raise ConfigError("TRAINER.SELFTPT.TTA is True but TRAINER.SELFTPT.USE_CPT is False; test-time "
+                          "adaptation minimises the CPT loss through the head trained with CPT, so set USE_CPT "
+                          "True or TTA False")

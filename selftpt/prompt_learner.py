@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from selftpt.clip_loader import token_count, tokenize
+from selftpt.errors import ConfigError
 
 POSITIONS = ("end", "middle", "front")
 
@@ -36,13 +37,16 @@ class PromptLearner(nn.Module):
         ctx_init: words to initialise the context from (e.g. "a photo of a"); "" = random.
         csc: class-specific context (one context per class) instead of a shared one.
         class_token_position: default layout for ``forward``.
+        config_node: the config node the arguments come from (e.g. ``TRAINER.COOP``), for messages.
     """
 
     def __init__(self, classnames: list[str], clip_model: nn.Module, n_ctx: int = 16,
-                 ctx_init: str = "", csc: bool = False, class_token_position: str = "end") -> None:
+                 ctx_init: str = "", csc: bool = False, class_token_position: str = "end",
+                 config_node: str = "") -> None:
         super().__init__()
         if class_token_position not in POSITIONS:
             raise ValueError(f"CLASS_TOKEN_POSITION must be one of {POSITIONS}, got {class_token_position!r}")
+        self.config_node = config_node
         self.dtype = clip_model.dtype
         self.context_length = int(clip_model.positional_embedding.shape[0])
         # Not registered as a submodule: CLIP's vocabulary stays out of this module's
@@ -94,6 +98,7 @@ class PromptLearner(nn.Module):
         device = self.ctx.device
         self.classnames = names
         self.name_lens = [token_count(n) for n in names]  # as CoOp (a "!" inside a name has token id 0)
+        self._check_length(names)
         prompts = [f"{self.prompt_prefix} {n}." for n in names]
         tokenized = tokenize(prompts, self.context_length)  # (n_cls, L)
         with torch.no_grad():
@@ -103,6 +108,18 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_prefix", embedding[:, :1, :].clone())  # SOS
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:, :].clone())  # CLS . EOS pad
         self.register_buffer("tokenized_prompts", tokenized, persistent=False)  # (n_cls, L)
+
+    def _check_length(self, names: list[str]) -> None:
+        """Refuse a context that leaves no room for a class name, naming the keys to change."""
+        longest = max(range(len(names)), key=self.name_lens.__getitem__)
+        need = 1 + self.n_ctx + self.name_lens[longest] + 2  # SOS, context, name, ".", EOT
+        if need > self.context_length:
+            key = f"{self.config_node}." if self.config_node else ""
+            raise ConfigError(
+                f"{key}N_CTX {self.n_ctx} is too long for the text encoder's {self.context_length} tokens: the "
+                f"prompt of class {names[longest]!r} needs {need} (start, {self.n_ctx} context tokens, "
+                f"{self.name_lens[longest]} for the name, '.', end); lower {key}N_CTX or shorten {key}CTX_INIT"
+            )
 
     def forward(self, position: str | None = None, ctx: torch.Tensor | None = None,
                 indices: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from selftpt.errors import UserError
 from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
 from selftpt.feature_cache import cached_eval_logits
 from selftpt.precision import autocast, make_grad_scaler, resolve_precision
+from selftpt.prompt_learner import PromptLearner
 from selftpt.toolbox import (
     DataManager,
     TrainerX,
@@ -116,6 +117,14 @@ class ClipTrainer(TrainerX):
                 f"({resolution}, {resolution}); set INPUT.SIZE [{resolution}, {resolution}]"
             )
         return clip_model
+
+    def build_prompt_learner(self, clip_model: nn.Module) -> PromptLearner:
+        """CoOp's ``PromptLearner`` from this trainer's node (N_CTX, CTX_INIT, CSC, position)."""
+        node = self.node
+        return PromptLearner(
+            self.classnames, clip_model, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT, csc=node.get("CSC", False),
+            class_token_position=node.get("CLASS_TOKEN_POSITION", "end"), config_node=f"TRAINER.{self.CFG_NODE}",
+        )
 
     @staticmethod
     def freeze_except(model: nn.Module, trainable: tuple[str, ...]) -> list[str]:

@@ -50,10 +50,11 @@ def test_a_bad_value_is_one_line_before_any_work(trainer, key, value, allowed, t
 
 
 def test_gm_without_cpt_is_refused_with_both_keys_named(tmp_path, capsys, tiny_data_root, tiny_clip_path):
+    """(TTA without CPT is refused as well: stage 2 needs the CPT head trained in stage 1.)"""
     code = main(["--output-dir", str(tmp_path / "run"), *tiny_opts(tiny_data_root, tiny_clip_path, "SelfTPT"),
                  "TRAINER.SELFTPT.USE_CPT", "False"])
     err = capsys.readouterr().err
-    assert code == 2 and "USE_GM is True but USE_CPT is False" in err
+    assert code == 2 and "USE_GM is True but TRAINER.SELFTPT.USE_CPT is False" in err
 
 
 def test_training_free_trainers_need_no_epochs():

@@ -1,23 +1,12 @@
 """CoOp: learning to prompt for vision-language models (Zhou et al., IJCV 2022)."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from selftpt.prompt_learner import PromptLearner
 from selftpt.prompted_clip import PromptedCLIP
 from selftpt.toolbox import TRAINER_REGISTRY, compute_accuracy
 from selftpt.trainer_base import PromptedClipTrainer
-
-
-def build_prompt_learner(node: Any, classnames: list[str], clip_model: torch.nn.Module) -> PromptLearner:
-    """A ``PromptLearner`` from a ``TRAINER.<NAME>`` config node (N_CTX, CTX_INIT, CSC, position)."""
-    return PromptLearner(
-        classnames, clip_model, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT,
-        csc=node.get("CSC", False), class_token_position=node.get("CLASS_TOKEN_POSITION", "end"),
-    )
 
 
 @TRAINER_REGISTRY.register()
@@ -29,7 +18,7 @@ class CoOp(PromptedClipTrainer):
     def build_model(self) -> None:
         clip_model = self.load_clip_model()
         print("Building custom CLIP")
-        self.model = PromptedCLIP(build_prompt_learner(self.node, self.classnames, clip_model), clip_model)
+        self.model = PromptedCLIP(self.build_prompt_learner(clip_model), clip_model)
         self.setup_prompt_training(self.model)
 
     def forward_backward(self, batch: dict) -> dict[str, float]:

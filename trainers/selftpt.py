@@ -33,7 +33,6 @@ from selftpt.toolbox import (
 )
 from selftpt.trainer_base import PromptedClipTrainer
 from selftpt.views import TestTimeViews
-from trainers.coop import build_prompt_learner
 
 def differentiable_attention(needed: bool) -> contextlib.AbstractContextManager:
     """The math attention kernel where a gradient must itself be differentiated (GM): the
@@ -57,7 +56,7 @@ class SelfTPT(PromptedClipTrainer):
         cfg, node = self.cfg, self.node
         clip_model = self.load_clip_model()
         print("Building Self-TPT (CoOp prompt + CPT head)")
-        learner = build_prompt_learner(node, self.classnames, clip_model)
+        learner = self.build_prompt_learner(clip_model)
         self.model = PromptedCLIP(learner, clip_model, grad_checkpoint=node.GRAD_CHECKPOINT)
         template = node.HANDCRAFTED_TEMPLATE or template_for(cfg.DATASET.NAME)
         self.cpt = ContrastivePromptTask(self.model, list(node.CPT_VIEWS), node.HEAD, node.TEMPERATURE, template)

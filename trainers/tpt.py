@@ -29,7 +29,6 @@ from selftpt.prompted_clip import PromptedCLIP
 from selftpt.toolbox import TRAINER_REGISTRY, load_checkpoint, load_pretrained_weights
 from selftpt.trainer_base import CheckpointError, ClipTrainer
 from selftpt.views import TestTimeViews, use_augmix
-from trainers.coop import build_prompt_learner
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -75,7 +74,7 @@ class TPT(ClipTrainer):
         cfg, node = self.cfg, self.node
         clip_model = self.load_clip_model()
         print("Building custom CLIP")
-        learner = build_prompt_learner(node, self.classnames, clip_model)
+        learner = self.build_prompt_learner(clip_model)
         self.model = PromptedCLIP(learner, clip_model, grad_checkpoint=node.GRAD_CHECKPOINT)
         self.freeze_except(self.model, ("prompt_learner",))
         if cfg.MODEL.INIT_WEIGHTS:
