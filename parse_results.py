@@ -5,6 +5,7 @@ Examples:
     python parse_results.py output/base2new
     python parse_results.py output/xd --source ImageNet --format latex -o xd.tex
     python parse_results.py output/base2new --plot eff.png --efficiency efficiency.json
+    python parse_results.py output/xd --source ImageNet --reference published --reference-rows
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from selftpt import collect, tables
+from selftpt.published import BUILTIN_NAME, PublishedDataError, load_reference
 from selftpt.plots import load_efficiency, plot_efficiency
 
 
@@ -44,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-cos", action="store_true",
                    help="also print cos(grad L_cpt, grad L_ce) per epoch for methods that record it")
     p.add_argument("--list-runs", action="store_true", help="print every run found, then exit")
+    p.add_argument("--reference", metavar="NAME_OR_YAML",
+                   help=f"set published numbers beside the measured ones, with the difference: "
+                        f"'{BUILTIN_NAME}' (the shipped selftpt/reference/published.yaml) or a YAML "
+                        f"file of the same form; only cells of the same method, protocol, backbone, "
+                        f"shots and dataset are compared")
+    p.add_argument("--reference-rows", action="store_true",
+                   help="with --reference: also show published methods that were not run")
     p.add_argument("--plot", metavar="PNG",
                    help="accuracy vs images/s plot (needs --efficiency); accuracy is the first "
                         "table's summary: base-to-new average HM, else the mean over datasets")
@@ -57,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.plot) != bool(args.efficiency):
         parser.error("--plot and --efficiency go together")
+    if args.reference_rows and not args.reference:
+        parser.error("--reference-rows needs --reference")
+    reference = None
+    if args.reference:
+        try:
+            reference = load_reference(args.reference)
+        except PublishedDataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         seeds = _seeds(args.seeds)
     except ValueError:
@@ -87,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Nothing found in {' '.join(args.roots)}: no results.json, and no log.txt with a "
               f"test result", file=sys.stderr)
         return 1
+    if reference is not None:
+        tabs, footnotes = tables.with_reference(tabs, reference, args.reference_rows)
+        if args.format == "csv":  # CSV has no captions: the footnotes go with the notes
+            notes += [f"reference: {f}" for f in footnotes]
     text = tables.render(tabs, args.format, args.decimals, show_std=not args.no_std)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

@@ -9,7 +9,7 @@ setup(
     description="Self-TPT: efficient test-time prompt tuning for CLIP, as a Dassl/CoOp plug-in",
     python_requires=">=3.9",
     packages=find_packages(include=["selftpt", "selftpt.*"]),
-    package_data={"selftpt": ["assets/*.pt", "assets/*.json"]},
+    package_data={"selftpt": ["assets/*.pt", "assets/*.json", "reference/*.yaml"]},
     install_requires=[
         "torch>=2.0,<=2.14.1",
         "torchvision>=0.15,<=0.29.1",

@@ -9,6 +9,9 @@ N (never the mean of per-seed HMs), and the dataset-average HM is that of the av
 as in CoCoOp's and MaPLe's tables. Nothing missing is averaged away silently: a cell with
 fewer seeds than expected reads ``61.20 (2/3)`` / ``61.20 ± 0.40 (2/3)``, a cell derived from
 incomplete inputs carries ``*``, an absent one ``—``.
+
+:func:`with_reference` (``parse_results.py --reference``) sets published numbers
+(``selftpt.published``) and the differences beside the measured cells; without it nothing changes.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 from tabulate import tabulate
 
 from selftpt.collect import DATASET_ORDER, GroupKey, Run, canonical_dataset
+from selftpt.published import ACCURACY_KIND, BASE2NEW_KINDS, CellQuery, Entry, Reference, squash_backbone
 
 DEFAULT_SEEDS: tuple[int, ...] = (1, 2, 3)
 FORMATS = ("terminal", "markdown", "csv", "latex")
@@ -114,6 +118,16 @@ class Variant:
     shots: int
 
 
+@dataclass(frozen=True)
+class CellRef:
+    """Where a measured cell sits (row, column, its CSV record) and what it measures."""
+
+    row: int
+    col: int
+    record: int
+    query: CellQuery
+
+
 @dataclass
 class Table:
     """A rendered-format-independent table plus its tidy records for CSV."""
@@ -125,6 +139,7 @@ class Table:
     records: list[dict] = field(default_factory=list)
     headline: dict[str, Cell] = field(default_factory=dict)  # row label -> summary accuracy
     headline_label: str = ""
+    refs: list[CellRef] = field(default_factory=list)  # measured cells (for --reference)
 
 
 def _method_rank(method: str) -> tuple:
@@ -214,8 +229,10 @@ def _base2new_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None
                               + ([eb, en] if ece else []))
             keyf = {"dataset": dataset, "method": labels[v], "backbone": v.backbone,
                     "shots": v.shots}
-            for metric, c in (("base", b), ("new", n), ("hm", harmonic_mean(b, n))) + (
-                    (("ece_base", eb), ("ece_new", en)) if ece else ()):
+            for col, (metric, c) in enumerate((("base", b), ("new", n), ("hm", harmonic_mean(b, n))) + (
+                    (("ece_base", eb), ("ece_new", en)) if ece else ()), start=2):
+                table.refs.append(CellRef(len(table.rows) - 1, col, len(table.records),
+                                          CellQuery(proto, split, v.method, v.backbone, v.shots, dataset, metric)))
                 table.records.append(_record(title, keyf, metric, c))
     for i, v in enumerate(variants):
         cols = list(zip(*per_variant[v]))
@@ -225,8 +242,15 @@ def _base2new_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None
         table.rows.append(["Average" if i == 0 else "", labels[v], b, n, hm]
                           + ([eb, en] if ece else []))
         keyf = {"dataset": "Average", "method": labels[v], "backbone": v.backbone, "shots": v.shots}
-        for metric, c in (("base", b), ("new", n), ("hm", hm)) + (
-                (("ece_base", eb), ("ece_new", en)) if ece else ()):
+        # the datasets each average really covers (a mean over fewer is never compared)
+        over = [tuple(d for d, c in zip(datasets, column) if c.mean is not None) for column in cols]
+        over_hm = over[0] if over[0] == over[1] else ()
+        for col, (metric, c, covered) in enumerate((("base", b, over[0]), ("new", n, over[1]), ("hm", hm, over_hm))
+                                                   + ((("ece_base", eb, over[2]), ("ece_new", en, over[3]))
+                                                      if ece else ()), start=2):
+            table.refs.append(CellRef(len(table.rows) - 1, col, len(table.records),
+                                      CellQuery(proto, split, v.method, v.backbone, v.shots, "Average",
+                                                metric, covered)))
             table.records.append(_record(title, keyf, metric, c))
         table.headline[labels[v]] = hm
     table.caption = _caption(runs, seeds, ddof,
@@ -254,8 +278,15 @@ def _accuracy_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None
         mean = average_cells([cells[d] for d in targets]) if targets else Cell(mean=None)
         table.rows.append([labels[v]] + [cells[d] for d in datasets] + [mean])
         keyf = {"method": labels[v], "backbone": v.backbone, "shots": v.shots}
-        for d in datasets:
+        for col, d in enumerate(datasets, start=1):
+            table.refs.append(CellRef(len(table.rows) - 1, col, len(table.records),
+                                      CellQuery(proto, split, v.method, v.backbone, v.shots, d, metric,
+                                                source=source)))
             table.records.append(_record(title, {"dataset": d, **keyf}, metric, cells[d]))
+        covered = tuple(d for d in targets if cells[d].mean is not None)
+        table.refs.append(CellRef(len(table.rows) - 1, len(datasets) + 1, len(table.records),
+                                  CellQuery(proto, split, v.method, v.backbone, v.shots, mean_name, metric,
+                                            covered, source)))
         table.records.append(_record(title, {"dataset": mean_name, **keyf}, metric, mean))
         table.headline[labels[v]] = mean
     note = f"{mean_name} = mean over {'target ' if source in datasets else ''}datasets. "
@@ -353,7 +384,7 @@ def build_tables(
 
 _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
                   "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "\\": r"\textbackslash{}"}
+                  "\\": r"\textbackslash{}", "Δ": r"$\Delta$", "†": r"$^\dagger$"}
 
 
 def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0,
@@ -437,3 +468,221 @@ def render(tables: Sequence[Table], fmt: str = "terminal", decimals: int = 2,
             caption = textwrap.fill(table.caption, width=max(80, len(body.splitlines()[0])))
             chunks.append(f"== {table.title} ==\n{body}\n{caption}")
     return "\n\n".join(chunks) + "\n"
+
+
+# --------------------------------------------------------------------------- published reference
+
+FLAG = "†"  # a difference larger than the policy's points and the seed std
+PUBLISHED_SUFFIX = " (published)"  # label of a row that only the reference has
+_REFERENCE_FIELDS = ("published", "difference", "off_reference", "reference")
+_COMPARABLE_KINDS = BASE2NEW_KINDS + (ACCURACY_KIND,)  # ECE is never published here
+
+
+@dataclass(frozen=True)
+class RefCell(Cell):
+    """A published value or a difference set beside a measured cell; empty when there is none."""
+
+    signed: bool = False
+    flagged: bool = False
+
+    def text(self, decimals: int = 2, show_std: bool = True, latex: bool = False) -> str:
+        if self.mean is None:
+            return ""
+        out = f"{self.mean:+.{decimals}f}" if self.signed else f"{self.mean:.{decimals}f}"
+        return out + ((r"$^\dagger$" if latex else FLAG) if self.flagged else "")
+
+
+@dataclass(frozen=True)
+class _Match:
+    ref: CellRef
+    entry: Entry
+    cell: Cell
+    diff: float | None
+    off: bool
+
+
+def _match_table(table: Table, reference: Reference) -> dict[tuple[int, int], _Match]:
+    """The published counterpart of each measured cell that has one, by (row, column)."""
+    matches = {}
+    for ref in table.refs:
+        entry = reference.match(ref.query)
+        cell = table.rows[ref.row][ref.col]
+        if entry is None or not isinstance(cell, Cell):
+            continue
+        diff = None if cell.mean is None else cell.mean - entry.value
+        off = diff is not None and reference.is_off(cell.mean, entry.value, cell.std)
+        matches[(ref.row, ref.col)] = _Match(ref, entry, cell, diff, off)
+    return matches
+
+
+def _reference_only_entries(table: Table, reference: Reference) -> list[Entry]:
+    """Published numbers of methods this table did not run, on one of its backbones."""
+    queries = [r.query for r in table.refs]
+    protocol, split = queries[0].protocol, queries[0].split
+    if split != "test" or not any(q.kind in _COMPARABLE_KINDS for q in queries):
+        return []
+    run = {(q.method, squash_backbone(q.backbone)) for q in queries}
+    datasets = {q.dataset for q in queries if q.over is None}
+    sources = {q.source for q in queries if q.source}
+    out = []
+    for e in reference.candidates(protocol, {q.backbone for q in queries}):
+        if (e.method, squash_backbone(e.block.backbone)) in run:
+            continue
+        if sources and e.block.source_dataset and e.block.source_dataset not in sources:
+            continue
+        # a mean is shown only where it averages exactly the table's datasets (less its source)
+        if (e.over is None and e.dataset in datasets) or (e.over is not None and
+                                                          set(e.over) == datasets - sources):
+            out.append(e)
+    return out
+
+
+def _ref_row_label(e: Entry, table: Table) -> str:
+    """``MaPLe (published)``, with the backbone where the table has several."""
+    several = len({r.query.backbone for r in table.refs}) > 1
+    return e.method + (f" [{e.block.backbone}]" if several else "") + PUBLISHED_SUFFIX
+
+
+def _ref_record(table: Table, e: Entry, label: str, dataset: str) -> dict:
+    """The CSV record of a published number that has no measured counterpart."""
+    return {"table": table.title, "dataset": dataset, "method": label, "backbone": e.block.backbone,
+            "shots": "" if e.shots is None else e.shots, "metric": e.kind, "mean": "", "std": "",
+            "n_seeds": 0, "n_expected": 0, "missing_seeds": "", "incomplete": "",
+            "published": e.value, "difference": "", "off_reference": "", "reference": e.block.label}
+
+
+def _footnote(table: Table, reference: Reference, matches: Mapping[tuple[int, int], _Match],
+              shown: Sequence[Entry]) -> str:
+    """The sources used, the marking rule, caveats, and why each method not compared was not."""
+    blocks = list(dict.fromkeys([m.entry.block for m in matches.values()] + [e.block for e in shown]))
+    lines = []
+    if blocks:
+        cites = "; ".join(f"[{i}] {b.label}" for i, b in enumerate(blocks, start=1))
+        lines.append(f"Published values (pub.) from {cites}. Δ = measured - published; {FLAG}: "
+                     f"|Δ| > {reference.flag_points:g} point and > the seed std.")
+        lines += [f"Caveat: {b.caveat}." for b in blocks if b.caveat]
+    kinds = sorted({r.query.kind for r in table.refs} - set(_COMPARABLE_KINDS))
+    if not any(r.query.kind in _COMPARABLE_KINDS for r in table.refs):
+        return f"Not compared with published numbers: none are published for {', '.join(kinds)}."
+    variants = list(dict.fromkeys((r.query.method, r.query.backbone, r.query.shots) for r in table.refs))
+    compared = {(m.ref.query.method, m.ref.query.backbone, m.ref.query.shots) for m in matches.values()}
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for method, backbone, shots in variants:
+        if (method, backbone, shots) not in compared:
+            q = next(r.query for r in table.refs if (r.query.method, r.query.backbone, r.query.shots)
+                     == (method, backbone, shots))
+            reasons[reference.unmatched_reason(q.protocol, q.split, method, backbone, shots,
+                                               q.source)].append(f"{method} [{backbone}]")
+    if reasons and not matches:
+        lines.append("Not compared with published numbers: " + "; ".join(reasons) + ".")
+    elif reasons:
+        lines.append("Not compared: " + "; ".join(f"{', '.join(v)} ({k})" for k, v in reasons.items()) + ".")
+    return " ".join(lines)
+
+
+def _with_columns(table: Table, matches: Mapping[tuple[int, int], _Match], shown: Sequence[Entry]) -> Table:
+    """Base-to-new: 'pub.' and 'Δ' columns after Base, New and HM."""
+    metric_cols = sorted({r.col for r in table.refs if r.query.kind in BASE2NEW_KINDS})
+    header = []
+    for i, h in enumerate(table.header):
+        header += [h] + ([f"{h} pub.", f"Δ {h}"] if i in metric_cols else [])
+
+    def widen(row: list, r: int | None, values: Mapping[int, Entry] | None = None) -> list:
+        out: list = []
+        for i, c in enumerate(row):
+            out.append(c)
+            if i in metric_cols:
+                m = matches.get((r, i)) if r is not None else None
+                e = m.entry if m else (values or {}).get(i)
+                out += [RefCell(mean=e.value if e else None),
+                        RefCell(mean=m.diff if m else None, signed=True, flagged=bool(m and m.off))]
+        return out
+
+    kind_col = {r.query.kind: r.col for r in table.refs}
+    row_dataset = {r.row: r.query.dataset for r in table.refs}
+    extra: dict[str, list[Entry]] = defaultdict(list)
+    for e in shown:
+        extra["Average" if e.over is not None else e.dataset].append(e)
+    rows: list[list] = []
+    for r, row in enumerate(table.rows):
+        rows.append(widen(row, r))
+        last_of_block = r + 1 == len(table.rows) or row_dataset.get(r + 1) != row_dataset.get(r)
+        if last_of_block and extra.get(row_dataset.get(r, "")):
+            by_method: dict[tuple, dict[int, Entry]] = defaultdict(dict)
+            for e in extra.pop(row_dataset[r]):
+                by_method[(e.method, e.block.backbone)][kind_col[e.kind]] = e
+            for (method, _), cols in by_method.items():
+                e0 = next(iter(cols.values()))
+                base = ["", _ref_row_label(e0, table)] + [Cell(mean=None)] * (len(table.header) - 2)
+                rows.append(widen(base, None, cols))
+    return Table(table.title, table.caption, header, rows, [dict(r) for r in table.records],
+                 dict(table.headline), table.headline_label, list(table.refs))
+
+
+def _with_rows(table: Table, matches: Mapping[tuple[int, int], _Match], shown: Sequence[Entry]) -> Table:
+    """Cross-dataset / DG / few-shot: a 'pub.' and a 'Δ' row under each compared method."""
+    rows: list[list] = []
+    for r, row in enumerate(table.rows):
+        rows.append(list(row))
+        found = {c: m for (rr, c), m in matches.items() if rr == r}
+        if not found:
+            continue
+        label = str(row[0])
+        rows.append([f"{label} pub."] + [RefCell(mean=found[c].entry.value if c in found else None)
+                                         for c in range(1, len(row))])
+        rows.append([f"{label} Δ"] + [RefCell(mean=found[c].diff if c in found else None, signed=True,
+                                              flagged=c in found and found[c].off) for c in range(1, len(row))])
+    col_of = {r.query.dataset: r.col for r in table.refs}
+    mean_col = max(col_of.values(), default=0)
+    by_method: dict[tuple, dict[int, Entry]] = defaultdict(dict)
+    for e in shown:
+        by_method[(e.method, e.block.backbone)][mean_col if e.over is not None else col_of[e.dataset]] = e
+    for cols in by_method.values():
+        e0 = next(iter(cols.values()))
+        rows.append([_ref_row_label(e0, table)] + [RefCell(mean=cols[c].value if c in cols else None)
+                                                   for c in range(1, len(table.header))])
+    return Table(table.title, table.caption, list(table.header), rows, [dict(r) for r in table.records],
+                 dict(table.headline), table.headline_label, list(table.refs))
+
+
+def with_reference(tables: Sequence[Table], reference: Reference,
+                   reference_rows: bool = False) -> tuple[list[Table], list[str]]:
+    """The tables with published values and differences beside every matched cell.
+
+    Base-to-new tables get 'pub.' and 'Δ' columns after Base, New and HM; the other tables a
+    'pub.' and a 'Δ' row under each method compared. ``reference_rows`` adds rows for methods
+    only the reference has (same protocol and one of the table's backbones). Every table's
+    caption ends with the sources used, or with why nothing was compared; CSV records gain
+    ``published``, ``difference``, ``off_reference`` and ``reference``. Tables without
+    measured cells (the gradient table) are returned as they are. Returns the tables and the
+    footnotes (for formats without captions).
+    """
+    out, footnotes = [], []
+    for table in tables:
+        if not table.refs:
+            out.append(table)
+            continue
+        matches = _match_table(table, reference)
+        shown = _reference_only_entries(table, reference) if reference_rows else []
+        note = _footnote(table, reference, matches, shown)
+        if matches or shown:
+            columns = table.header[:2] == ["Dataset", "Method"]
+            new = (_with_columns if columns else _with_rows)(table, matches, shown)
+            for record in new.records:
+                record.update(dict.fromkeys(_REFERENCE_FIELDS, ""))
+            for m in matches.values():
+                new.records[m.ref.record].update(
+                    published=m.entry.value, difference="" if m.diff is None else round(m.diff, 6),
+                    off_reference=int(m.off), reference=m.entry.block.label)
+            mean_label = next((r.query.dataset for r in table.refs if r.query.over is not None), "")
+            for e in shown:  # a mean is filed under the table's name for it ("Mean (targets)")
+                new.records.append(_ref_record(table, e, _ref_row_label(e, table),
+                                               mean_label if e.over is not None else e.dataset))
+        else:
+            new = Table(table.title, table.caption, list(table.header), [list(r) for r in table.rows],
+                        [dict(r) for r in table.records], dict(table.headline), table.headline_label,
+                        list(table.refs))
+        new.caption = f"{table.caption} {note}".strip()
+        footnotes.append(f"{table.title}: {note}")
+        out.append(new)
+    return out, footnotes
