@@ -10,9 +10,10 @@ and shots and class halves do not apply).
 """
 from __future__ import annotations
 
+import contextlib
 import os.path as osp
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from selftpt.benchmark.catalog import DATASETS as BENCHMARK, WorldDataset
 from selftpt.benchmark.fashion import FashionMNISTUnavailable
@@ -29,8 +30,10 @@ class BenchmarkSpec(DatasetSpec):
     """A benchmark dataset's layout; its fix is always "let it be generated again"."""
 
     def setup_fix(self, root: str = "$DATA") -> str:
-        return (f"delete {root}/{self.folder}/ and run again: it is regenerated "
-                f"(or run `python -m selftpt.benchmark.materialize --root {root} --datasets {self.name}`)")
+        # --force: without it the command sees benchmark.json and the split file, takes the copy
+        # as complete and regenerates nothing (the images are not listed one by one at each load)
+        return (f"regenerate it (the same images, seeded): `python -m selftpt.benchmark.materialize --force "
+                f"--root {root} --datasets {self.name}`, or delete {root}/{self.folder}/ and run again")
 
     def download_fix(self, root: str = "$DATA") -> str:
         return self.setup_fix(root)
@@ -47,6 +50,18 @@ def _spec(name: str, stem: str) -> BenchmarkSpec:
     )
 
 
+@contextlib.contextmanager
+def _benchmark_fix(spec: BenchmarkSpec, root: str) -> Iterator[None]:
+    """Give a split-file error the benchmark's fix: ``read_split`` suggests ``prepare_data.py
+    download`` for an unreadable split file, which knows only the downloadable datasets."""
+    try:
+        yield
+    except DatasetError as exc:
+        if "prepare_data.py" not in exc.fix:
+            raise
+        raise DatasetError(exc.dataset, exc.problem, exc.path, spec.setup_fix(root)) from None
+
+
 class BenchmarkDataset(SplitDataset):
     """A benchmark dataset with train/val/test splits (CoOp's ``SplitDataset`` flow)."""
 
@@ -56,11 +71,16 @@ class BenchmarkDataset(SplitDataset):
         root = osp.abspath(osp.expanduser(given)) if given else str(default_data_root())
         try:
             materialize(spec.name, root, download=True)
-        except FashionMNISTUnavailable as exc:
-            raise DatasetError(spec.name, "Fashion-MNIST files not found", root, str(exc)) from None
+        except FashionMNISTUnavailable as exc:  # names the Fashion-MNIST folder, not the data root
+            raise DatasetError(spec.name, exc.problem, exc.path, exc.fix) from None
         self.dataset_dir = osp.join(root, spec.folder)
         self.image_dir = osp.join(self.dataset_dir, spec.image_dir)
         return root
+
+    def read_full_split(self):
+        """The split as ``SplitDataset`` reads it, with the benchmark's fix in its errors."""
+        with _benchmark_fix(self.spec, self.root):
+            return super().read_full_split()
 
 
 class BenchmarkShift(BenchmarkDataset):
@@ -69,7 +89,8 @@ class BenchmarkShift(BenchmarkDataset):
     def __init__(self, cfg: Any):
         self.root = self._locate(cfg)
         self.split_path = osp.join(self.dataset_dir, self.spec.split_file)
-        _, _, test = read_split(self.split_path, self.image_dir, self.spec.name, self.spec.setup_fix(self.root))
+        with _benchmark_fix(self.spec, self.root):
+            _, _, test = read_split(self.split_path, self.image_dir, self.spec.name, self.spec.setup_fix(self.root))
         DatasetBase.__init__(self, train_x=test, test=test)
 
 

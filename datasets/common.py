@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from selftpt.errors import DatasetError  # noqa: F401  (re-exported for the datasets)
+from selftpt.fsmode import chmod_file
 from selftpt.toolbox import Datum, DatasetBase, listdir_nohidden
 
 __all__ = [
@@ -74,6 +75,7 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
     folder = osp.dirname(osp.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{osp.basename(path)}.", suffix=".tmp", dir=folder)
+    chmod_file(fd)  # mkstemp's 0600 -> the umask's mode: a shared $DATA stays readable to the group
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -36,6 +36,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from selftpt.fsmode import chmod_file
+
 # What ``encode_images`` returns: L2-normalised CLIP image-encoder outputs, in the model dtype.
 FEATURES_VERSION = 1
 ENTRY_FORMAT = 1
@@ -173,6 +175,7 @@ class FeatureCache:
         entry = {"format": ENTRY_FORMAT, "key": key, "num_images": int(features.shape[0]),
                  "features": features, "labels": labels, "sha256": _payload_checksum(features, labels)}
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.stem}.", suffix=".tmp")
+        chmod_file(fd)  # mkstemp's 0600 -> the umask's mode: a shared cache stays readable
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(entry, f)

@@ -5,23 +5,31 @@ method file < command-line flags < trailing ``KEY VALUE`` opts. Differences that
 known traps: ``--seed 0`` is honoured; a finished output directory is never overwritten;
 a resumed run's old log is rotated so that ``log.txt`` is always the newest; a trainer that
 trains nothing (ZeroshotCLIP) evaluates directly; user errors are one line, no traceback.
+
+Exit codes of :func:`main`: 0 done; 2 a problem the message explains (``error: ...``, one line:
+bad flags or config, a malformed YAML file, an output path under a file, a full disk, a
+damaged checkpoint, missing data); 130 interrupted by Ctrl-C (the run folder stays resumable).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import functools
 import os
 import os.path as osp
 import re
+import shutil
 import sys
 import time
 from typing import Any, Sequence
 
 import torch
+import yaml
 
 from selftpt.clip_loader import available_backbones
 from selftpt.config import extend_cfg, validate_cfg
+from selftpt.engine.checkpoint import DamagedCheckpointError
 from selftpt.errors import UserError
 from selftpt.results import RESULTS_FILENAME, make_record, write_results
 from selftpt.toolbox import (
@@ -34,6 +42,15 @@ from selftpt.toolbox import (
     set_random_seed,
     setup_logger,
 )
+
+
+EXIT_USER_ERROR = 2
+# 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C (and what the sweeps use)
+EXIT_INTERRUPTED = 130
+INTERRUPTED_MESSAGE = ("interrupted (no results written); rerun the same command to resume: training "
+                       "continues from its last saved checkpoint")
+# errno values that mean "no room left": the disk itself, or the user's quota on it
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 @functools.cache
@@ -66,12 +83,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _merge_file(cfg: Any, path: str, what: str) -> None:
+    """Merge a YAML config file; every problem with it is one ``UserError`` naming the file."""
     if not osp.isfile(path):
         raise UserError(f"{what} not found: {path}")
+    _check_yaml(path, what)
     try:
         cfg.merge_from_file(path)
     except KeyError as exc:  # yacs: "Non-existent config key: X"
         raise UserError(f"{path}: {_key_error(cfg, exc)}") from None
+    except (ValueError, AssertionError) as exc:  # yacs: "Type mismatch (...) for config key: X"
+        raise UserError(f"{path}: {_one_line(exc)}") from None
+
+
+def _check_yaml(path: str, what: str) -> None:
+    """Parse ``path`` as yacs will (``yaml.safe_load``), to report a YAML mistake with the file,
+    line and column: yacs parses the file's text as a string, so its own errors say only
+    ``in "<unicode string>", line 3`` and come as a traceback."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{what} {path} is not valid YAML: {_one_line(problem)}{where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} cannot be read ({_one_line(exc)})") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{what} {path} holds a YAML {type(data).__name__}, not KEY: VALUE settings "
+                        "(e.g. 'OPTIM:' then '  LR: 0.002' on the next line)")
+
+
+def _one_line(text: Any) -> str:
+    """``str(text)`` on one line (train.py prints every error as a single line)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def _config_keys(node: Any, prefix: str = "") -> list[str]:
@@ -165,21 +210,111 @@ def check_eval_only(args: argparse.Namespace, cfg: Any) -> None:
 
 
 def prepare_output_dir(output_dir: str) -> None:
-    """Refuse a finished run; rotate an interrupted run's log so log.txt is the newest."""
+    """Refuse a finished run; create the folder (one-line errors when it cannot be); rotate an
+    interrupted run's log so log.txt is the newest."""
     finished = osp.join(output_dir, RESULTS_FILENAME)
     if osp.isfile(finished):
         raise UserError(
             f"{output_dir} already holds a finished run ({RESULTS_FILENAME}); choose another "
             "--output-dir or delete that folder to run again"
         )
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        blocker = _file_in_the_way(output_dir)
+        if blocker:
+            raise UserError(f"output folder {output_dir}: {blocker} is a file, not a folder; choose another "
+                            "--output-dir (or move that file away)") from None
+        if exc.errno in _DISK_FULL:
+            raise UserError(_disk_full_message(output_dir, exc)) from None
+        raise UserError(f"cannot create the output folder {output_dir} ({exc.strerror or exc}); "
+                        "choose another --output-dir") from None
     log = osp.join(output_dir, "log.txt")
     if osp.isfile(log):
         stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.localtime(osp.getmtime(log)))
         os.replace(log, f"{log}-{stamp}")
 
 
+def _file_in_the_way(path: str) -> str:
+    """The first of ``path`` and its parents that exists but is not a folder ("" if none)."""
+    path = osp.abspath(path)
+    while True:
+        if osp.lexists(path) and not osp.isdir(path):
+            return path
+        parent = osp.dirname(path)
+        if parent == path:
+            return ""
+        path = parent
+
+
+def _disk_full_message(path: str, exc: OSError) -> str:
+    """One line for ENOSPC / EDQUOT: what was being written and how to go on (the writes are
+    atomic, so nothing torn is left: the rerun resumes)."""
+    return (f"disk full while writing {path} ({exc.strerror or 'no space left'}): free space on that disk "
+            f"(or choose an --output-dir on another one) and rerun the same command (no {RESULTS_FILENAME} "
+            "was written; training resumes from its last complete checkpoint)")
+
+
+def _full_disk_path(cfg: Any, exc: OSError) -> str:
+    """The file a disk-full error was writing; when Python did not record it (a failed
+    ``write`` knows no name), the fullest of the folders this run writes to."""
+    if exc.filename:
+        return os.fsdecode(exc.filename)
+    folders = [cfg.OUTPUT_DIR, cfg.DATASET.ROOT, cfg.TEST.get("FEATURE_CACHE", "")]
+    folders = [osp.abspath(osp.expanduser(str(f))) for f in folders if f and osp.isdir(osp.expanduser(str(f)))]
+    return min(folders, key=lambda f: shutil.disk_usage(f).free, default=cfg.OUTPUT_DIR)
+
+
+def _torch_write_failure(exc: RuntimeError, output_dir: str) -> str | None:
+    """The one-line message for ``torch.save`` failing to write a checkpoint, else None.
+
+    On a full disk ``torch.save`` raises no ``OSError`` but a ``RuntimeError`` from its zip
+    writer (``PytorchStreamWriter failed writing file ...`` or ``[enforce fail at
+    inline_container.cc:...] . unexpected pos ...``), without errno; the free space says why.
+    """
+    message = str(exc)
+    if "PytorchStreamReader" in message or not ("PytorchStreamWriter" in message or "inline_container" in message):
+        return None
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = -1
+    if 0 <= free < 256 * 2 ** 20:
+        what = f"the disk is full ({free / 2 ** 20:.0f} MiB free): free space on it"
+    else:
+        what = (f"{free / 2 ** 30:.1f} GiB are free there, " if free >= 0 else "") + "so check the disk and your quota"
+    return (f"writing a checkpoint under {output_dir} failed (torch: {_one_line(message.splitlines()[0])}); "
+            f"{what}, then rerun the same command: the run resumes from its last complete checkpoint")
+
+
+def _damaged_checkpoint_message(exc: DamagedCheckpointError, args: argparse.Namespace, cfg: Any) -> str:
+    """A damaged checkpoint, with the fix for where it came from: ``--model-dir`` (a trained
+    model to evaluate: train it again) or this run's own folder (resuming: start afresh;
+    deleting only the file would leave the ``checkpoint`` pointer naming it)."""
+    path = osp.abspath(exc.path)
+    head = f"checkpoint {exc.path} is truncated or damaged and cannot be loaded ({exc.reason})"
+
+    def under(folder: str) -> bool:
+        return bool(folder) and path.startswith(osp.abspath(folder) + os.sep)
+
+    if under(args.model_dir):
+        return (f"{head}; re-run the training that wrote {args.model_dir} (or give --model-dir / --load-epoch "
+                "of a complete checkpoint)")
+    resumed = cfg.RESUME or cfg.OUTPUT_DIR
+    if under(resumed):
+        return (f"{head}; delete {resumed} (the interrupted run it belongs to) and rerun the same command "
+                "to train again from scratch")
+    return str(exc)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Run one job as CoOp's ``main`` does; returns the record written to results.json."""
+    """Run one job as CoOp's ``main`` does; returns the record written to results.json.
+
+    Raises:
+        UserError: one line for the user; besides the checks before anything is written, a
+            full disk, a damaged checkpoint and a failed checkpoint write become one too.
+        KeyboardInterrupt: Ctrl-C, with the run folder left resumable (no results.json).
+    """
     cfg = setup_cfg(args)
     check_cfg_names(cfg)
     check_eval_only(args, cfg)
@@ -189,13 +324,33 @@ def run(args: argparse.Namespace) -> dict:
         print(f"Setting fixed seed: {cfg.SEED}")
         set_random_seed(cfg.SEED)
     stdout, stderr = sys.stdout, sys.stderr
-    setup_logger(cfg.OUTPUT_DIR)  # tees stdout into OUTPUT_DIR/log.txt
     try:
-        return _run_logged(cfg, args)
-    finally:  # restore the streams so that runs made in one process do not nest their logs
-        for stream in {sys.stdout, sys.stderr} - {stdout, stderr}:
-            getattr(stream, "close", lambda: None)()
-        sys.stdout, sys.stderr = stdout, stderr
+        setup_logger(cfg.OUTPUT_DIR)  # tees stdout into OUTPUT_DIR/log.txt
+        try:
+            return _run_logged(cfg, args)
+        finally:  # restore the streams so that runs made in one process do not nest their logs
+            _restore_streams(stdout, stderr)
+    except DamagedCheckpointError as exc:
+        raise UserError(_damaged_checkpoint_message(exc, args, cfg)) from None
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise UserError(_disk_full_message(_full_disk_path(cfg, exc), exc)) from None
+    except RuntimeError as exc:
+        message = _torch_write_failure(exc, cfg.OUTPUT_DIR)
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
+def _restore_streams(stdout: Any, stderr: Any) -> None:
+    """Put the console streams back, then close the log tee. In this order: closing flushes
+    ``log.txt``, which fails on a full disk, and the error must not leave the closed tee as
+    ``sys.stdout``."""
+    teed = {sys.stdout, sys.stderr} - {stdout, stderr}
+    sys.stdout, sys.stderr = stdout, stderr
+    for stream in teed:
+        getattr(stream, "close", lambda: None)()
 
 
 def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
@@ -227,16 +382,37 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
                                 "skipped_images": result.get("skipped_images", []),
                                 **getattr(trainer, "result_extra", {})},
                          model=trainer.model_record())
-    path = write_results(cfg.OUTPUT_DIR, record)
+    try:
+        path = write_results(cfg.OUTPUT_DIR, record)
+    except FileExistsError as exc:  # another process finished the same run meanwhile
+        raise UserError(str(exc)) from None
+    except OSError as exc:  # a failed write names no file: name results.json (it is not left behind)
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise UserError(_disk_full_message(osp.join(cfg.OUTPUT_DIR, RESULTS_FILENAME), exc)) from None
     print(f"Results written to {path}")
     return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``train.py``: run, and turn what the user must fix into one line and an exit code.
+
+    Returns 0, ``EXIT_USER_ERROR`` (2: ``error: ...`` on stderr) or ``EXIT_INTERRUPTED``
+    (130: Ctrl-C, a plain ``KeyboardInterrupt``; the run folder resumes on the same command), so
+    that an in-process caller tells an interruption from a failure by the code. A subclass of
+    ``KeyboardInterrupt`` (the sweep workers' SIGTERM stop) propagates unchanged.
+    """
     args = build_parser().parse_args(argv)
     try:
         run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        if type(exc) is not KeyboardInterrupt:
+            # a subclass is a caller's own stop signal (the sweep worker's _Stopped, raised by
+            # its SIGTERM handler): that caller handles it, so it must reach it unchanged
+            raise
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

@@ -61,6 +61,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from selftpt.fsmode import chmod_file
+
 SCHEMA_VERSION = 1
 RESULTS_FILENAME = "results.json"
 # Keys that change between machines or re-runs without changing the experiment.
@@ -329,6 +331,7 @@ def write_results(output_dir: str | os.PathLike, record: Mapping[str, Any]) -> P
         raise FileExistsError(refusal)
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_FILENAME}.", suffix=".tmp", dir=directory)
+    chmod_file(fd)  # mkstemp's 0600 -> the umask's mode: results on a shared root stay readable
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2, allow_nan=False)

@@ -2,7 +2,8 @@
 
 Read from the IDX files of, in this order:
 
-1. the folder named by ``$SELFTPT_FASHION_MNIST``;
+1. the folder named by ``$SELFTPT_FASHION_MNIST`` (when set it must hold the files: a wrong
+   path is an error naming it, never silently passed over for another copy);
 2. Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``),
    which puts them in ``/usr/share/datasets/fashion-mnist``;
 3. torchvision's copy under ``<cache>/FashionMNIST/raw``, downloaded with
@@ -30,8 +31,30 @@ OFFICIAL_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
+_IDX_NAMES = ", ".join(stem for pair in _FILES.values() for stem in pair)
+# The fix of every "not found": the three sources locate() reads, in its order of preference.
+INSTALL_HINT = (f"apt-get install dataset-fashion-mnist (Debian's package: the files in {DEBIAN_DIR}), "
+                f"or set ${ENV_VAR} to a folder holding the four IDX files ({_IDX_NAMES}; .gz or not), "
+                "or on a machine with internet let torchvision download them "
+                "(python -m selftpt.benchmark.materialize --download --datasets FashionMNIST)")
+
+
 class FashionMNISTUnavailable(FileNotFoundError):
-    """No Fashion-MNIST files found (and downloading was not allowed or failed)."""
+    """No Fashion-MNIST files found (and downloading was not allowed or failed), or
+    ``$SELFTPT_FASHION_MNIST`` names a folder without them.
+
+    Args:
+        problem: what is wrong.
+        path: the folder concerned (the one ``$SELFTPT_FASHION_MNIST`` names, else the folders searched).
+        fix: what to do.
+    """
+
+    def __init__(self, problem: str, path: str, fix: str = INSTALL_HINT):
+        self.problem, self.path, self.fix = problem, path, fix
+        super().__init__(f"{problem}: {path}. Fix: {fix}")
+
+    def __reduce__(self):  # picklable despite the custom __init__
+        return (type(self), (self.problem, self.path, self.fix))
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -48,6 +71,11 @@ def _read_idx(path: Path) -> np.ndarray:
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _missing(folder: Path) -> list[str]:
+    """The IDX files (stems) that ``folder`` lacks."""
+    return [s for pair in _FILES.values() for s in pair if _find(folder, s) is None]
 
 
 def candidate_dirs(cache_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -68,9 +96,22 @@ def locate(cache_dir: str | os.PathLike | None = None, download: bool = False) -
         cache_dir: where torchvision's downloader puts (or put) its copy.
         download: allow torchvision's downloader when no local copy exists.
     """
+    chosen = os.environ.get(ENV_VAR)
+    if chosen:  # the user's explicit choice: use it or say why not, never another copy instead
+        folder = Path(chosen).expanduser()
+        missing = _missing(folder) if folder.is_dir() else []
+        if not folder.is_dir() or missing:
+            what = ("no such folder" if not folder.is_dir()
+                    else f"that folder lacks {', '.join(missing)} (with or without .gz)")
+            raise FashionMNISTUnavailable(
+                f"${ENV_VAR} is set, but {what}", str(folder),
+                f"point ${ENV_VAR} at the folder holding the four Fashion-MNIST IDX files, or unset it to "
+                f"use Debian's package (apt-get install dataset-fashion-mnist, files in {DEBIAN_DIR})")
+        return folder
     for folder in candidate_dirs(cache_dir):
-        if all(_find(folder, s) for pair in _FILES.values() for s in pair):
+        if not _missing(folder):
             return folder
+    searched = ", ".join(str(d) for d in candidate_dirs(cache_dir))
     if download and cache_dir is not None:
         import torchvision
 
@@ -79,14 +120,12 @@ def locate(cache_dir: str | os.PathLike | None = None, download: bool = False) -
             torchvision.datasets.FashionMNIST(str(cache_dir), train=True, download=True)
             torchvision.datasets.FashionMNIST(str(cache_dir), train=False, download=True)
         except Exception as exc:  # noqa: BLE001 - network errors come in many types
-            raise FashionMNISTUnavailable(f"Downloading Fashion-MNIST failed ({exc})") from exc
+            reason = " ".join(str(exc).split())[:200]
+            raise FashionMNISTUnavailable(
+                f"Fashion-MNIST not found (${ENV_VAR} is not set) and downloading it failed ({reason})",
+                searched) from exc
         return locate(cache_dir, download=False)
-    searched = ", ".join(str(d) for d in candidate_dirs(cache_dir))
-    raise FashionMNISTUnavailable(
-        f"Fashion-MNIST not found (searched {searched}). Install Debian's package "
-        f"(apt-get install dataset-fashion-mnist), set ${ENV_VAR} to a folder with the four "
-        "IDX files, or allow the download with torchvision on a machine with internet"
-    )
+    raise FashionMNISTUnavailable(f"Fashion-MNIST not found (${ENV_VAR} is not set); searched", searched)
 
 
 def load_split(split: str, cache_dir: str | os.PathLike | None = None,

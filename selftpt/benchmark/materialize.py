@@ -5,22 +5,33 @@ the CoOp split file ``split_<Name>.json`` (``{"train"|"val"|"test": [[relpath, l
 classname], ...]}``, paths relative to ``images/``) and ``benchmark.json`` (what was generated,
 from which world version and seed). A dataset is written into a temporary folder beside its
 final place and renamed into place when complete, so an interrupted generation never leaves a
-half dataset; a folder from another world version is replaced.
+half dataset; a folder from another world version is replaced. Temporary folders are named
+``.<folder>.tmp-<host>-<pid>-<random>``: one left by a generation that was killed (SIGKILL, a
+power cut) is removed by the next generation into the same root once its process is gone.
+Folders and files get the user's umask (a shared root stays readable to the group).
 
 Where: ``DATASET.ROOT`` when given; otherwise ``default_data_root()``, that is
 ``$SELFTPT_DATA`` or ``~/.cache/selftpt/data``.
 
 Command line::
 
-    python -m selftpt.benchmark.materialize [--root DIR] [--datasets ShapeWorld ...]
+    python -m selftpt.benchmark.materialize [--root DIR] [--datasets ShapeWorld ...] [--force]
+
+``--force`` regenerates datasets already on disk (e.g. after images were deleted: a copy
+counts as present from its ``benchmark.json`` and split file; the images are not listed at
+each load).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,11 +41,90 @@ from PIL import Image
 from selftpt.benchmark import fashion
 from selftpt.benchmark.catalog import DATASETS, FashionDataset, WorldDataset, get_dataset
 from selftpt.benchmark.world import WORLD_VERSION, SceneBatch, SceneSampler, concat_batches, render_scenes
+from selftpt.fsmode import chmod_folder
 
 ENV_ROOT = "SELFTPT_DATA"
 RESOLUTION = 32
 SPLITS = ("train", "val", "test")
 META_FILE = "benchmark.json"
+
+
+# ``.<folder>.<tmp|stale>-<host>-<pid>-<mkdtemp's random part, no "-">``: the owner is in the
+# name itself, since a marker file written after mkdtemp could be missing after a SIGKILL
+TEMP_NAME = re.compile(r"\.(?P<folder>.+)\.(?P<kind>tmp|stale)-(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[^-]+)")
+# Temporary folders this process is using now (a dead process may have had our pid before us).
+_OWN_TEMPS: set[str] = set()
+_TEMPS_LOCK = threading.Lock()
+
+
+def _host() -> str:
+    """This machine's name as it goes into temp folder names (a shared root may be on NFS:
+    only this host's processes can be checked)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _make_temp(root: Path, folder: str, kind: str) -> Path:
+    """A new temporary folder ``.<folder>.<kind>-<host>-<pid>-XXXX`` in ``root``, recorded as ours."""
+    with _TEMPS_LOCK:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.{kind}-{_host()}-{os.getpid()}-", dir=root))
+        _OWN_TEMPS.add(str(tmp))
+    return tmp
+
+
+def _drop_temp(tmp: Path) -> None:
+    """Remove a temporary folder of ours (if still there) and forget it."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _TEMPS_LOCK:
+        _OWN_TEMPS.discard(str(tmp))
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (a zombie counts as gone: it never writes again)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: another user's live process
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def remove_dead_temps(root: str | os.PathLike, verbose: bool = True) -> list[Path]:
+    """Remove the temporary folders in ``root`` left by generations whose process is gone.
+
+    Only folders named by this module for this host are considered; one whose process still
+    runs (or runs on another host, or is this process's own current one) is kept. A folder with
+    this process's pid that this process is not using was left by an earlier process that had
+    the same pid (containers restart with the same pids).
+
+    Returns:
+        The folders removed.
+    """
+    root = Path(root)
+    removed = []
+    host, me = _host(), os.getpid()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    with _TEMPS_LOCK:
+        for entry in entries:
+            match = TEMP_NAME.fullmatch(entry.name)
+            if not match or match["host"] != host or not entry.is_dir() or entry.is_symlink():
+                continue
+            pid = int(match["pid"])
+            dead = str(entry) not in _OWN_TEMPS if pid == me else _process_gone(pid)
+            if dead:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    if verbose and removed:
+        print(f"[selftpt.benchmark] removed {len(removed)} temporary folder(s) of interrupted generations "
+              f"in {root}", flush=True)
+    return removed
 
 
 def default_data_root() -> Path:
@@ -155,7 +245,7 @@ def is_materialized(name: str, root: str | os.PathLike) -> bool:
 
 
 def materialize(name: str, root: str | os.PathLike | None = None, download: bool = False,
-                verbose: bool = True) -> Path:
+                verbose: bool = True, force: bool = False) -> Path:
     """Make sure benchmark dataset ``name`` is on disk under ``root``; return its folder.
 
     Args:
@@ -163,13 +253,16 @@ def materialize(name: str, root: str | os.PathLike | None = None, download: bool
         root: dataset root; ``None`` or "" = ``default_data_root()``.
         download: allow torchvision to download Fashion-MNIST when no local copy exists.
         verbose: print where it writes and how long it took.
+        force: generate it again even if a complete-looking copy is there (images deleted or
+            damaged since: the check reads ``benchmark.json`` and the split file only).
     """
     spec = get_dataset(name)
     root = Path(root).expanduser().resolve() if root else default_data_root()
     target = root / spec.dataset_dir
-    if is_materialized(name, root):
+    if not force and is_materialized(name, root):
         return target
     root.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(root, verbose)
     start = time.time()
     if verbose:
         print(f"[selftpt.benchmark] generating {name} into {target} (once; cached afterwards)", flush=True)
@@ -177,19 +270,20 @@ def materialize(name: str, root: str | os.PathLike | None = None, download: bool
         arrays = world_split_arrays(spec)
     else:
         arrays = fashion_split_arrays(spec, root / "_downloads", download)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.dataset_dir}.tmp-", dir=root))
+    tmp = _make_temp(root, spec.dataset_dir, "tmp")
+    chmod_folder(tmp)  # mkdtemp's 0700 -> the umask's mode: it becomes the dataset folder
     try:
         counts = _write(tmp, spec, arrays)
         meta = _meta(spec) | {"counts": counts}
         with open(tmp / META_FILE, "w") as f:
             json.dump(meta, f, indent=2)
-        if target.exists():  # a stale or partial copy: move it aside, then remove it
-            if is_materialized(name, root):  # another process finished first
-                shutil.rmtree(tmp)
+        if target.exists():  # a stale or partial copy (or, with force, a complete one): move it aside, remove it
+            if not force and is_materialized(name, root):  # another process finished first
+                _drop_temp(tmp)
                 return target
-            stale = Path(tempfile.mkdtemp(prefix=f".{spec.dataset_dir}.stale-", dir=root))
+            stale = _make_temp(root, spec.dataset_dir, "stale")
             os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
+            _drop_temp(stale)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -199,6 +293,9 @@ def materialize(name: str, root: str | os.PathLike | None = None, download: bool
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        with _TEMPS_LOCK:
+            _OWN_TEMPS.discard(str(tmp))
     if verbose:
         total = sum(v for k, v in counts.items() if k != "train" or spec_has_train(spec))
         print(f"[selftpt.benchmark] wrote {name}: {len(spec.classnames)} classes, {total} images, "
@@ -210,20 +307,40 @@ def spec_has_train(spec) -> bool:
     return not (isinstance(spec, WorldDataset) and spec.n_train == 0)
 
 
-def materialize_all(root: str | os.PathLike | None = None, names=None, download: bool = False) -> dict[str, Path]:
+def materialize_all(root: str | os.PathLike | None = None, names=None, download: bool = False,
+                    force: bool = False) -> dict[str, Path]:
     """Materialise several benchmark datasets (all by default); returns name -> folder."""
-    return {n: materialize(n, root, download=download) for n in (names or list(DATASETS))}
+    return {n: materialize(n, root, download=download, force=force) for n in (names or list(DATASETS))}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """The command line; returns the exit code (2 with one ``error:`` line for a missing
+    Fashion-MNIST or an unknown dataset name, 130 on Ctrl-C)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="", help=f"dataset root (default ${ENV_ROOT} or ~/.cache/selftpt/data)")
     parser.add_argument("--datasets", nargs="*", default=None, help=f"default: all of {', '.join(DATASETS)}")
     parser.add_argument("--download", action="store_true", help="allow downloading Fashion-MNIST with torchvision")
+    parser.add_argument("--force", action="store_true",
+                        help="generate again even if present (e.g. after images were deleted)")
     args = parser.parse_args(argv)
-    for name, path in materialize_all(args.root or None, args.datasets, args.download).items():
+    try:
+        for name in args.datasets or []:
+            get_dataset(name)
+    except KeyError as exc:  # "Unknown benchmark dataset 'X'; did you mean ...? Known: ..."
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        folders = materialize_all(args.root or None, args.datasets, args.download, args.force)
+    except fashion.FashionMNISTUnavailable as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the temporary folder is already removed: nothing half-written
+        print("interrupted; nothing half-written is left: run the same command again", file=sys.stderr)
+        return 130
+    for name, path in folders.items():
         print(f"{name}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

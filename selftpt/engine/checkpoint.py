@@ -7,8 +7,10 @@ text file naming the latest); ``checkpoint_epochs`` and ``prune_checkpoints`` wo
 """
 from __future__ import annotations
 
+import errno
 import os
 import os.path as osp
+import pickle
 import random
 import re
 import tempfile
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from selftpt.fsmode import chmod_file
+
 from .utils import mkdir_if_missing
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "resume_from_checkpoint",
     "restore_checkpoint",
     "IncompleteCheckpointError",
+    "DamagedCheckpointError",
     "read_checkpoint_pointer",
     "checkpoint_epochs",
     "prune_checkpoints",
@@ -49,10 +54,48 @@ class IncompleteCheckpointError(FileNotFoundError):
     """A checkpoint set (one folder per registered model) with no epoch saved for every model."""
 
 
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint file that ``torch.load`` cannot read: cut short (a copy or download stopped
+    midway, a full disk) or damaged on disk. It cannot be repaired, only written again.
+
+    A ``RuntimeError`` (what ``torch.load`` raised for it before) so existing handlers still
+    apply; ``train.py`` prints it as one line, with the fix that fits where the file came from.
+
+    Args:
+        path: the checkpoint file.
+        reason: what ``torch.load`` said, in one line.
+    """
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"checkpoint {path} is truncated or damaged and cannot be loaded ({reason}); it cannot be "
+            "repaired, only written again: re-run the training that saved it"
+        )
+
+    def __reduce__(self):  # picklable despite the custom __init__ (multiprocessing)
+        return (type(self), (self.path, self.reason))
+
+
+def _damage_reason(exc: RuntimeError) -> Optional[str]:
+    """torch's reading error for a cut or damaged file, as one line; None for other errors.
+
+    torch reports a bad zip container as ``PytorchStreamReader failed reading ...: <what>.
+    This is an internal miniz error. If you are seeing ...`` (several lines); the legacy format
+    as ``Invalid magic number; corrupt file?``. Other RuntimeErrors (devices, storages) are not
+    the file's fault and pass through unchanged.
+    """
+    message = str(exc)
+    if "PytorchStreamReader" not in message and "corrupt" not in message.lower():
+        return None
+    return message.split(". This is an internal")[0].strip().splitlines()[0]
+
+
 def _atomic_write(fpath: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then move the temp file onto ``fpath`` in one step."""
     folder = osp.dirname(osp.abspath(fpath))
     fd, tmp = tempfile.mkstemp(prefix=f".{osp.basename(fpath)}.", suffix=".tmp", dir=folder)
+    chmod_file(fd)  # mkstemp's 0600 -> the umask's mode, as Dassl's plain torch.save gives
     os.close(fd)
     try:
         write(tmp)
@@ -145,6 +188,9 @@ def load_checkpoint(fpath: str) -> dict:
     Full unpickling is used (``weights_only=False``): checkpoints are the user's own training
     outputs, and Dassl-made ones pickle whole scheduler objects.  Python-2 pickles are read
     with a latin1 fallback.
+
+    Raises:
+        DamagedCheckpointError: the file is cut short or damaged (names the file).
     """
     if fpath is None:
         raise ValueError("File path is None")
@@ -152,12 +198,23 @@ def load_checkpoint(fpath: str) -> dict:
         raise FileNotFoundError(f'File is not found at "{fpath}"')
     map_location = None if torch.cuda.is_available() else "cpu"
     try:
-        return torch.load(fpath, map_location=map_location, weights_only=False)
-    except UnicodeDecodeError:
-        return torch.load(fpath, map_location=map_location, weights_only=False, encoding="latin1")
-    except Exception:
-        print(f'Unable to load checkpoint from "{fpath}"')
-        raise
+        try:
+            return torch.load(fpath, map_location=map_location, weights_only=False)
+        except UnicodeDecodeError:
+            return torch.load(fpath, map_location=map_location, weights_only=False, encoding="latin1")
+    except (EOFError, pickle.UnpicklingError) as exc:  # a cut or damaged (legacy-format) pickle
+        raise DamagedCheckpointError(fpath, f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        # torch's zip reader seeks to where the file's own index points; in a cut file that is
+        # past its end: EINVAL, without a file name. Other OSErrors (permissions, I/O) are not damage.
+        if exc.errno != errno.EINVAL or exc.filename is not None:
+            raise
+        raise DamagedCheckpointError(fpath, f"reading it fails: {exc.strerror}") from None
+    except RuntimeError as exc:
+        reason = _damage_reason(exc)
+        if reason is None:
+            raise
+        raise DamagedCheckpointError(fpath, reason) from None
 
 
 def read_checkpoint_pointer(fdir: str) -> str:
