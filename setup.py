@@ -24,5 +24,5 @@ setup(
         "Pillow>=9.0",
         "matplotlib>=3.6",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "mutation": ["mutmut>=3.3"]},
 )
