@@ -2,6 +2,16 @@
 # and the closing table. Sourced, not run.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Paths given in the environment are the user's: relative ones are resolved against the
+# directory the script was started from, before changing to the repository (where train.py and
+# the configs are, as in CoOp).
+CALLER_DIR="$PWD"
+for _var in OUTPUT DATA SELFTPT_DATA; do
+  if [ -n "${!_var:-}" ] && [ "${!_var#/}" = "${!_var}" ]; then
+    export "$_var=$CALLER_DIR/${!_var}"
+  fi
+done
+unset _var
 cd "$REPO"
 PY="${PYTHON:-python}"
 
@@ -13,7 +23,7 @@ Runs the ${PROTOCOL} protocol for ${TRAINER} over seeds (and shots), skipping fi
 resuming interrupted ones, then prints the table of every method found under \$OUTPUT/${PROTOCOL}.
 Trailing KEY VALUE pairs are passed to train.py as config options.
 
-Environment (defaults in brackets):
+Environment (defaults in brackets; relative paths are relative to your current directory):
   DATA      dataset root as prepared for CoOp (see DATASETS.md)
             [unset: the built-in CPU benchmark, generated on first use]
   DATASETS  dataset config stems under configs/datasets [the protocol's datasets]
@@ -24,26 +34,59 @@ Environment (defaults in brackets):
             published protocol prescribes) or a config stem under configs/trainers/${TRAINER}/
             (that one config for every run); run folders name the config each run used
             [${PAPER_CFG} with DATA, ${BENCH_CFG} without]
-  OUTPUT    output root [output]
+  OUTPUT    output root [output in the repository]
   PROMPTS_FROM  <Trainer>/<cfg or plan> whose trained prompts a training-free method starts from,
             e.g. PROMPTS_FROM=CoOp/bench bash scripts/tpt/base2new.sh = TPT+CoOp (run CoOp first)
   JOBS      runs at once, round-robin over CUDA_VISIBLE_DEVICES when GPUs exist
             [0 = auto: one per GPU, else one per CPU core]
+  CHANGED   what to do with finished runs made with other settings (other KEY VALUE options, an
+            edited config): rerun = run again in a new folder next to each (seed1-2; tables count
+            the newest), replace = move each aside (.seed1.replaced-<time>, out of the tables)
+            and run again in its folder [unset: list them and stop before running anything]
   TABLE     print the closing table (1) or not (0) [1]
+
+Runs held by another sweep over the same OUTPUT are left to it (and listed); Ctrl-C stops every
+run, each resumes where it was when the same command is run again.
 USAGE
+}
+
+# The command that repeats this sweep, printed by the sweep as the way to resume it: the
+# settings given (paths already absolute), the script, its arguments.
+sweep_command() {
+  local cmd="" var
+  for var in PYTHON SELFTPT_DATA DATA DATASETS SOURCE SEEDS SHOTS BACKBONE CFG OUTPUT PROMPTS_FROM JOBS TABLE; do
+    if [ -n "${!var+x}" ]; then cmd+="$var=$(printf '%q' "${!var}") "; fi
+  done
+  printf '%sbash %q' "$cmd" "$0"
+  if [ $# -gt 0 ]; then printf ' %q' "$@"; fi
 }
 
 run_protocol() {
   case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+  local command change=()
+  command="$(sweep_command "$@")"
+  case "${CHANGED:-}" in
+    "") ;;
+    rerun|replace) change=("--$CHANGED-changed") ;;
+    *) echo "error: CHANGED is '$CHANGED'; use CHANGED=rerun or CHANGED=replace (see --help)" >&2; return 2 ;;
+  esac
   if [ -z "${DATA:-}" ]; then CFG="${CFG:-$BENCH_CFG}"; else CFG="${CFG:-$PAPER_CFG}"; fi
-  local output="${OUTPUT:-output}"
+  local output="${OUTPUT:-$REPO/output}"
   local status=0
   # shellcheck disable=SC2086
   "$PY" -m selftpt.sweep "$PROTOCOL" --trainer "$TRAINER" --cfg "$CFG" --data "${DATA:-}" \
     ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
     ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-0}" ${BACKBONE:+--backbone "$BACKBONE"} \
-    ${PROMPTS_FROM:+--prompts-from "$PROMPTS_FROM"} \
+    ${PROMPTS_FROM:+--prompts-from "$PROMPTS_FROM"} ${change[@]+"${change[@]}"} --command "$command" \
     -- "$@" || status=$?
+  case "$status" in
+    130)  # Ctrl-C: no table; end as interrupted too, so that a calling script stops as well
+      trap - INT
+      kill -INT $$
+      exit 130 ;;
+    143) exit 143 ;;  # SIGTERM
+    3) return 3 ;;  # changed settings, nothing ran: a table of the old runs would only mislead
+  esac
   if [ "${TABLE:-1}" = 1 ]; then
     # shellcheck disable=SC2086
     "$PY" parse_results.py "$output/$PROTOCOL" --seeds ${SEEDS:-1 2 3} || true

@@ -5,6 +5,10 @@
 # plus METHODS (default: "zsclip coop selftpt"; add tpt, cocoop). TPT is not in the default:
 # tuning every test image is its cost, ~40 minutes for the benchmark's 3 seeds on two cores.
 set -euo pipefail
+# Relative OUTPUT/DATA are the user's: resolve them before changing to the repository.
+for _var in OUTPUT DATA SELFTPT_DATA; do
+  if [ -n "${!_var:-}" ] && [ "${!_var#/}" = "${!_var}" ]; then export "$_var=$PWD/${!_var}"; fi
+done
 cd "$(dirname "$0")/.."
 case "${1:-}" in -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 status=0

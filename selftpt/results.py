@@ -66,8 +66,10 @@ from selftpt.fsmode import chmod_file
 SCHEMA_VERSION = 1
 RESULTS_FILENAME = "results.json"
 # Keys that change between machines or re-runs without changing the experiment.
-VOLATILE_CFG_KEYS: tuple[str, ...] = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "SEED",
-                                      "TEST.FEATURE_CACHE")  # the cache never changes results
+# The feature cache never changes results; checkpointing and printing only change what is saved
+# and shown, so runs made before those keys existed still compare equal.
+VOLATILE_CFG_KEYS: tuple[str, ...] = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "SEED", "TEST.FEATURE_CACHE",
+                                      "TRAIN.CHECKPOINT_FREQ", "TRAIN.KEEP_CHECKPOINTS", "TRAIN.PRINT_FREQ")
 # Optional config key holding a display name such as "SelfTPT-v" or "CoOp+CPT".
 METHOD_CFG_KEY = "TRAINER.METHOD_NAME"
 SUBSAMPLE_CHOICES = ("all", "base", "new")

@@ -17,26 +17,54 @@ config plan of ``configs/plans.yaml`` (a config per dataset and shot count, as p
 protocols prescribe); ``<cfg>`` in a folder is always the config that run used. A test run
 uses the config of the run that trained its prompts.
 
-A run whose folder holds ``results.json`` is skipped; a folder without it is resumed by
-train.py; trainers that train nothing (ZeroshotCLIP, TPT) are evaluated directly. Runs of
-one (dataset, seed) chain execute in order; chains run in parallel in ``--jobs`` worker
-processes (each pinned to one of ``CUDA_VISIBLE_DEVICES`` when GPUs exist, else to its share
-of the CPU cores), and each worker runs its runs in-process, importing torch and CLIP once.
+Runs of one (dataset, seed) chain execute in order; chains run in parallel in ``--jobs`` worker
+processes (each pinned to one of ``CUDA_VISIBLE_DEVICES`` when GPUs exist, else to its share of
+the CPU cores), and each worker runs its runs in-process, importing torch and CLIP once. Before
+anything runs, the launcher plans every run (:func:`plan_sweep`):
+
+- no ``results.json``: run it; a folder without one is resumed by train.py from its checkpoints;
+- ``results.json`` made with the requested settings (the config train.py builds for the run,
+  compared key by key with the config stored in the file): skip it;
+- made with other settings: reported with the keys that differ, never reused nor overwritten;
+  the sweep stops before running anything unless ``--rerun-changed`` (run again in a new folder
+  next to it, ``seed1-2``) or ``--replace-changed`` (move it aside to ``.seed1.replaced-<time>``,
+  out of the tables, and run again in its folder) says what to do. Eval-only runs of a retrained
+  model follow it. Of several finished runs of one seed (``seed1``, ``seed1-2``) the newest
+  counts, for the sweep as for the tables (``selftpt.tables.dedupe_runs``);
+- a torn ``results.json`` (not valid JSON): moved aside to ``results.json.torn-<time>`` and the
+  run is redone.
+
+A worker works in a run folder only while it holds the folder's lock (:class:`RunLock`), so two
+sweeps over one output split the work instead of doing it twice; runs held by another process
+are reported and left to it. A worker that dies fails only the run it was in (the rest of its
+chain is not started) and is replaced for the other chains. Ctrl-C (or SIGTERM) stops every
+worker within seconds, leaving each run resumable, and prints how to resume.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import contextlib
+import dataclasses
+import fcntl
 import io
+import json
 import multiprocessing
 import os
+import re
+import shlex
+import signal
+import socket
 import sys
+import threading
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
-from selftpt.results import RESULTS_FILENAME
+from selftpt.results import (RESULTS_FILENAME, ResultsFileError, TornResultsError, config_differences,
+                             config_digest, read_results)
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("base2new", "xd", "dg", "fewshot")
@@ -176,6 +204,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
+        """Its own folder holds a results file (whatever settings made it; see :func:`plan_chain`)."""
         return (self.output_dir / RESULTS_FILENAME).is_file()
 
 
@@ -247,7 +276,7 @@ class Sweep:
         if not self.prompts_from:
             return []
         needed = {run.model_dir for chain in self.chains() for run in chain if run.model_dir is not None}
-        return sorted(d for d in needed if not (d / RESULTS_FILENAME).is_file())
+        return sorted(d for d in needed if not (current_dir(d) / RESULTS_FILENAME).is_file())
 
     def chains(self) -> list[list[Run]]:
         """Lists of runs; each list runs in order, lists run in parallel."""
@@ -325,49 +354,398 @@ class Sweep:
         return cmd + run.opts + self.extra_opts
 
 
-def _start_worker(devices: "multiprocessing.Queue | None", threads: int) -> None:
-    """Pin a sweep worker to one GPU (before CUDA starts) or to its share of the CPU cores."""
-    if devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
-    elif threads > 0:
-        import torch
-        torch.set_num_threads(threads)
+# --------------------------------------------------------------------------- run folders
+
+EXIT_FAILED = 1  # a run failed, or the worker running it died
+EXIT_USAGE = 2
+EXIT_CHANGED = 3  # finished runs were made with other settings: choose --rerun-changed or --replace-changed
+EXIT_HELD = 75  # EX_TEMPFAIL: runs held by another process were left to it; rerun when it has finished
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
+ON_CHANGE = ("rerun", "replace")
+STOP_GRACE_S = 10.0  # how long stopped workers get to leave their runs before they are killed
 
 
-def _run_chain(sweep: Sweep, chain: list[Run]) -> list[tuple[Run, str]]:
-    """Run a chain inside this worker process, one ``train.py`` run after another.
+def sibling_dirs(folder: Path) -> list[Path]:
+    """``folder`` and the existing folders ``--rerun-changed`` made next to it (``seed1-2``,
+    ``seed1-3``, ...), in that order."""
+    pattern = re.compile(re.escape(folder.name) + r"-(\d+)")
+    extra = []
+    if folder.parent.is_dir():
+        extra = sorted((int(m.group(1)), p) for p in folder.parent.iterdir()
+                       if (m := pattern.fullmatch(p.name)) and p.is_dir())
+    return [folder] + [p for _, p in extra]
+
+
+def current_dir(folder: Path) -> Path:
+    """The folder whose run counts for ``folder``: of those among :func:`sibling_dirs` that hold
+    a ``results.json``, the one written last; ``folder`` itself when none does.
+
+    This is the tables' rule (``selftpt.tables.dedupe_runs``: the newest file of a seed wins), so
+    what the sweep reuses or compares against is what the tables show.
+    """
+    finished = [d / RESULTS_FILENAME for d in sibling_dirs(folder) if (d / RESULTS_FILENAME).is_file()]
+    if not finished:
+        return folder
+    return max(finished, key=lambda p: (p.stat().st_mtime, str(p))).parent
+
+
+def next_free_dir(folder: Path) -> Path:
+    """Where ``--rerun-changed`` runs ``folder``'s run again: the first of ``folder-2``,
+    ``folder-3``, ... without a ``results.json`` (one left unfinished by an earlier try resumes)."""
+    n = 2
+    while (folder.with_name(f"{folder.name}-{n}") / RESULTS_FILENAME).exists():
+        n += 1
+    return folder.with_name(f"{folder.name}-{n}")
+
+
+def _aside(path: Path, tag: str, hidden: bool = False) -> Path:
+    """A free name next to ``path`` to move it to: ``[.]<name>.<tag>-<time>[-n]``."""
+    stem = f"{'.' if hidden else ''}{path.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = path.with_name(stem), 2
+    while target.exists():
+        target, n = path.with_name(f"{stem}-{n}"), n + 1
+    return target
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run folder's ``results.json`` as the launcher reads it."""
+
+    folder: Path
+    record: dict | None  # None: torn, or not a results file this code can read
+    problem: str = ""  # the reader's one-line message when record is None
+    torn: bool = False  # not valid JSON: the run is redone
+
+
+def read_finished(folder: Path) -> Finished | None:
+    """The results of the run in ``folder``; None when it has none (not finished)."""
+    path = folder / RESULTS_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        return Finished(folder, read_results(path))
+    except TornResultsError as err:
+        return Finished(folder, None, str(err), torn=True)
+    except (ResultsFileError, OSError) as err:
+        return Finished(folder, None, str(err))
+
+
+def requested_config(sweep: Sweep, run: Run, folder: Path, model_dir: Path | None) -> Any:
+    """The config train.py builds for ``run`` in ``folder``: ``selftpt.launch.setup_cfg`` on the
+    run's own arguments, so the comparison sees every source (dataset and method files, flags,
+    ``KEY VALUE`` options) exactly as the run would. Imports torch, so it is called only for runs
+    that have a result to compare."""
+    from selftpt import launch
+    argv = sweep.train_args(dataclasses.replace(run, output_dir=folder, model_dir=model_dir))
+    return launch.setup_cfg(launch.build_parser().parse_args(argv))
+
+
+def settings_changes(found: Finished, requested: Any, model_dir: Path | None) -> list[str]:
+    """Why the finished run ``found`` is not the run asked for (``KEY: stored -> requested``
+    lines); empty when it is."""
+    if found.record is None:
+        return [f"settings unknown: {found.problem}"]
+    record = found.record
+    if isinstance(record.get("config"), dict):
+        changes = config_differences(record["config"], requested)
+    elif record["config_digest"] == config_digest(requested):
+        changes = []  # an older file without the config itself: equal digests are equal configs
+    else:
+        changes = [("settings unknown: this results.json predates stored configs and its config_digest "
+                    "differs from the requested config's")]
+    # An eval-only run's config does not say which weights it loaded; newer files record them.
+    # Compared relative to the run folder, so moving a whole output folder changes nothing.
+    model = record.get("model")
+    if model_dir is not None and isinstance(model, dict) and model.get("source") == "checkpoint" \
+            and isinstance(model.get("directory"), str):
+        before = os.path.relpath(model["directory"], record["output_dir"])
+        if before != os.path.relpath(model_dir, found.folder):
+            changes.append(f"model: {model['directory']} -> {model_dir}")
+    return changes
+
+
+def _brief(changes: tuple[str, ...] | list[str], keep: int = 4) -> str:
+    shown = "; ".join(changes[:keep])
+    return shown + (f" (+{len(changes) - keep} more)" if len(changes) > keep else "")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Step:
+    """One run of a chain as the launcher decided to handle it.
+
+    ``action``: ``skip`` (finished with the requested settings), ``run`` (new or resumed; in a
+    new folder next to ``stale`` with ``--rerun-changed``), ``torn`` (move the torn results.json
+    aside, then run), ``replace`` (move ``stale``, the folder itself, aside, then run), ``changed``
+    (finished with other settings and no choice given: nothing runs).
+    """
+
+    run: Run
+    folder: Path  # where it runs, or where its finished result is
+    action: str
+    model_dir: Path | None = None  # the weights an eval-only run loads
+    changes: tuple[str, ...] = ()  # why the finished run in ``stale`` does not count
+    stale: Path | None = None  # the finished run with other settings
+
+
+def plan_chain(sweep: Sweep, chain: list[Run], on_change: str | None) -> list[Step]:
+    """Decide each run of ``chain`` (see :class:`Step`); ``on_change`` is None, ``rerun`` or ``replace``.
+
+    A run that loads the weights of a run trained again here (changed settings) is stale too,
+    whatever its own config says (its config does not name the weights), and follows it.
+    """
+    if on_change not in (None, *ON_CHANGE):
+        raise ValueError(f"on_change must be None or one of {ON_CHANGE}, not {on_change!r}")
+    steps: list[Step] = []
+    placed: dict[Path, Step] = {}  # a run's own folder -> its step, for the runs that load its weights
+    for run in chain:
+        model_dir, retrained = None, None
+        if run.model_dir is not None:
+            source = placed.get(run.model_dir)
+            model_dir = source.folder if source else current_dir(run.model_dir)  # prompts of another sweep
+            retrained = source.run.output_dir if source is not None and source.changes else None
+        folder = current_dir(run.output_dir)
+        found = read_finished(folder)
+        changes: list[str] = []
+        if found is not None and not found.torn:
+            changes = settings_changes(found, requested_config(sweep, run, folder, model_dir), model_dir)
+        if retrained is not None:
+            changes = [c for c in changes if not c.startswith("model: ")] + \
+                [f"model: {retrained.relative_to(sweep.output)} is trained again"]
+        if found is not None and found.torn:
+            step = Step(run, folder, "torn", model_dir)
+        elif not changes:
+            step = Step(run, folder, "run" if found is None else "skip", model_dir)
+        elif on_change == "rerun":
+            step = Step(run, next_free_dir(run.output_dir), "run", model_dir, tuple(changes),
+                        folder if found is not None else None)
+        elif found is None:  # only its model changes: it had not run yet
+            step = Step(run, folder, "run", model_dir, tuple(changes))
+        else:
+            step = Step(run, folder, "replace" if on_change == "replace" else "changed", model_dir,
+                        tuple(changes), folder)
+        placed[run.output_dir] = step
+        steps.append(step)
+    return steps
+
+
+def plan_sweep(sweep: Sweep, on_change: str | None = None) -> list[list[Step]]:
+    """Every chain of ``sweep``, planned (:func:`plan_chain`)."""
+    return [plan_chain(sweep, chain, on_change) for chain in sweep.chains()]
+
+
+# --------------------------------------------------------------------------- locks
+
+
+class RunLock:
+    """An exclusive lock on one run folder, held while a process works in it.
+
+    The lock is ``.<folder name>.lock`` next to the folder (not inside it: replacing a run moves
+    the folder) and is taken with ``flock``, which the kernel drops when its holder exits however
+    it exits: the file of a killed holder is simply taken over by the next process. The file
+    names its holder (pid, sweep pid, host, since when) for whoever finds it held. On a file
+    system without locks the work goes on unlocked rather than not at all.
+    """
+
+    def __init__(self, folder: Path, sweep_pid: int | None = None) -> None:
+        self.path = folder.parent / f".{folder.name}.lock"
+        self.sweep_pid = sweep_pid or os.getpid()
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock without waiting: None when taken, else who holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                return holder
+            except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
+                self._fd = fd
+                return None
+            # The previous holder deletes the file on release; if it did so after we opened it,
+            # we locked a file no one else will see: start again on the one at the path.
+            try:
+                same = os.path.samestat(os.stat(self.path), os.fstat(fd))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "sweep_pid": self.sweep_pid, "host": socket.gethostname(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+            self._fd = fd
+            return None
+        return "another process (its lock file keeps changing)"
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        for _ in range(5):  # the holder writes its name right after locking
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                info = json.loads(os.read(fd, 4096) or b"null")
+            except ValueError:
+                info = None
+            if isinstance(info, dict):
+                worker = f" (worker {info.get('pid')})" if info.get("pid") != info.get("sweep_pid") else ""
+                return f"sweep pid {info.get('sweep_pid')}{worker} on {info.get('host')} since {info.get('since')}"
+            time.sleep(0.05)
+        return "another process"
+
+    def release(self) -> None:
+        """Give the lock up (and remove its file, while still holding it, so no one takes a stale copy)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class _Stopped(KeyboardInterrupt):
+    """Raised in a worker by the launcher's SIGTERM: leave the current run where it is (resumable)."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised in the launcher by SIGTERM: stop as on Ctrl-C (a cluster's preemption, ``timeout``)."""
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the run's cleanup finish
+    raise _Stopped()
+
+
+def _send(conn: Connection, *message: Any) -> None:
+    """Send to the launcher with SIGTERM held back, so that a stop never cuts a message in half."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        conn.send(message)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker(conn: Connection, device: str | None, threads: int, sweep_pid: int) -> None:
+    """A worker process: run the chains the launcher sends, one at a time, until it sends None.
+
+    It ignores Ctrl-C (the launcher decides when workers stop, and a terminal's Ctrl-C reaches
+    the whole process group); the launcher stops it with SIGTERM. Messages: ``ready``,
+    ``start <i>``, ``end <i> <kind> <text>``, ``idle`` (chain done).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the launcher until now
+    try:
+        if device is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = device  # before anything starts CUDA
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        import datasets  # noqa: F401  (registers the datasets, as train.py does)
+        import trainers  # noqa: F401  (registers the trainers)
+        if threads > 0:
+            import torch
+            torch.set_num_threads(threads)
+        _send(conn, "ready")
+        while (job := conn.recv()) is not None:
+            sweep, steps = job
+            _run_chain(sweep, steps, lambda *message: _send(conn, *message), sweep_pid)
+            _send(conn, "idle")
+    except (_Stopped, EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # stopped by the launcher, or the launcher is gone
+
+
+def _run_chain(sweep: Sweep, steps: list[tuple[int, Step]], report: Callable[..., None],
+               sweep_pid: int) -> None:
+    """Run the steps of one chain in order, in this worker process.
 
     A worker imports torch and CLIP once for all its runs instead of once per run (~8 s each);
     ``launch.run`` seeds every run and restores the streams after it, so a run's result does
-    not depend on what ran before it in the same process.
+    not depend on what ran before it in the same process. A step whose model run ended without
+    a result (failed, held elsewhere) is not started.
     """
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import datasets  # noqa: F401  (registers the datasets, as train.py does)
-    import trainers  # noqa: F401  (registers the trainers)
     from selftpt import launch
-    outcome = []
-    for run in chain:
-        if run.finished:
-            outcome.append((run, "skipped (finished)"))
+    unusable: set[Path] = set()
+    for index, step in steps:
+        if step.model_dir in unusable:
+            unusable.add(step.folder)
+            report("end", index, "blocked", "not started")
             continue
-        state = "resumed" if run.output_dir.exists() else "ran"
-        messages = io.StringIO()
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), \
-                contextlib.redirect_stderr(messages):
-            try:
-                code = launch.main(sweep.train_args(run))
-            except SystemExit as exc:  # argparse's way of refusing arguments
-                code = exc.code if isinstance(exc.code, int) else 2
-            except Exception as exc:  # one failed run must not take the other chains down
-                code = 1
-                print(f"{type(exc).__name__}: {exc}", file=messages)
-        if code != 0:
-            last = (messages.getvalue().strip().splitlines() or ["(no message)"])[-1]
-            outcome.append((run, f"FAILED: {last}"))
-            break  # later runs of the chain need this one
-        outcome.append((run, state))
-    return outcome
+        report("start", index)
+        try:
+            kind, text = _run_step(sweep, step, sweep_pid, launch)
+        except _Stopped:
+            report("end", index, "stopped", "stopped")
+            raise
+        if kind not in ("ok", "skip"):
+            unusable.add(step.folder)
+        report("end", index, kind, text)
+
+
+def _run_step(sweep: Sweep, step: Step, sweep_pid: int, launch: Any) -> tuple[str, str]:
+    """Run one step under its folder's lock; (kind, text) with kind ``ok``, ``skip``, ``held``,
+    ``changed`` or ``failed``. What the plan saw is checked again under the lock, since another
+    sweep may have finished, moved or replaced the run meanwhile."""
+    lock = RunLock(step.folder, sweep_pid)
+    holder = lock.acquire()
+    if holder is not None:
+        return "held", f"skipped (held by {holder})"
+    try:
+        return _run_locked(sweep, step, launch)
+    except Exception as exc:  # e.g. the config no longer builds, a folder that cannot be moved
+        return "failed", f"FAILED: {type(exc).__name__}: {exc}"
+    finally:
+        lock.release()
+
+
+def _run_locked(sweep: Sweep, step: Step, launch: Any) -> tuple[str, str]:
+    """:func:`_run_step` once the lock is held: a results.json found now (torn, or written by
+    another process since the plan) is moved aside, compared or reused, then the run trains."""
+    note = ""
+    results = step.folder / RESULTS_FILENAME
+    found = read_finished(step.folder)
+    if found is not None and found.torn:
+        aside = _aside(results, "torn")
+        os.replace(results, aside)  # kept for whoever wants to look; the run is redone
+        note = f" (torn {RESULTS_FILENAME} moved to {aside.name})"
+    elif found is not None:
+        changes = settings_changes(found, requested_config(sweep, step.run, step.folder, step.model_dir),
+                                   step.model_dir)
+        if step.action != "replace" or not changes:
+            if not changes:
+                return "skip", "skipped (finished meanwhile by another process)"
+            return "changed", ("not run: finished meanwhile by another process with other settings "
+                               f"({_brief(changes)})")
+        aside = _aside(step.folder, "replaced", hidden=True)  # hidden: out of the tables, still on disk
+        os.replace(step.folder, aside)
+        note = f" (settings changed: {_brief(step.changes, 2)}; the old run moved to {aside.name})"
+    elif step.stale is not None:
+        note = f" (settings changed: {_brief(step.changes, 2)}; the old run stays in {step.stale.name})"
+    state = "resumed" if step.folder.exists() else "ran"
+    code, message = _train(sweep, step, launch)
+    return ("ok", state + note) if code == 0 else ("failed", f"FAILED: {message}")
+
+
+def _train(sweep: Sweep, step: Step, launch: Any) -> tuple[int, str]:
+    """``train.py`` with the step's arguments, in this process; (exit code, last error line)."""
+    argv = sweep.train_args(dataclasses.replace(step.run, output_dir=step.folder, model_dir=step.model_dir))
+    messages = io.StringIO()
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(messages):
+        try:
+            code = launch.main(argv)
+        except SystemExit as exc:  # argparse's way of refusing arguments
+            code = exc.code if isinstance(exc.code, int) else 2
+        except Exception as exc:  # one failed run must not take the other chains down
+            code = 1
+            print(f"{type(exc).__name__}: {exc}", file=messages)
+    return code, (messages.getvalue().strip().splitlines() or ["(no message)"])[-1]
 
 
 def visible_devices() -> list[str]:
@@ -378,45 +756,250 @@ def visible_devices() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def execute(sweep: Sweep, jobs: int = 0) -> bool:
-    """Run every chain in ``jobs`` worker processes; print one line per run; True if all succeeded.
+# --------------------------------------------------------------------------- launcher
+
+
+@dataclass
+class _Slot:
+    """One place in the worker pool: its device and the worker process now in it."""
+
+    device: str | None
+    process: Any = None  # multiprocessing.Process
+    conn: Connection | None = None
+    ready: bool = False
+    chain: int | None = None  # index into _Launcher.work of the chain it runs
+    running: int | None = None  # the step it has started and not ended
+    ended: set[int] = field(default_factory=set)  # the steps of its chain that have ended
+    broken: bool = False  # its chain was cut short and that is reported already
+
+
+class _Launcher:
+    """Runs planned chains in a bounded pool of worker processes it manages itself (not a
+    ``ProcessPoolExecutor``, where one dead worker breaks the pool for every chain and Ctrl-C
+    lets the workers go on through the queue); prints one line per run as it ends."""
+
+    def __init__(self, sweep: Sweep, plan: list[list[Step]], jobs: int, devices: list[str], resume: str) -> None:
+        self.sweep, self.plan, self.resume = sweep, plan, resume
+        self.total = sum(len(chain) for chain in plan)
+        # chains with work; skipped runs are reported here and never reach a worker
+        self.work = [(c, [(i, s) for i, s in enumerate(chain) if s.action != "skip"]) for c, chain in enumerate(plan)]
+        self.work = [w for w in self.work if w[1]]
+        self.pending = deque(range(len(self.work)))
+        jobs = max(1, min(jobs, len(self.work) or 1))
+        self.slots = [_Slot(devices[i % len(devices)] if devices else None) for i in range(jobs)]
+        self.threads = 0 if devices else max(1, (os.cpu_count() or 1) // jobs)
+        self.context = multiprocessing.get_context("spawn")  # no CUDA or thread state inherited from here
+        self.counts: Counter[str] = Counter()
+        self.done = 0
+        self.start_failures = 0
+        self.stopping = False
+
+    def _line(self, step: Step, text: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {text}: {step.folder.relative_to(self.sweep.output)}", flush=True)
+
+    def _end(self, slot: _Slot, index: int, kind: str, text: str) -> None:
+        step = self.plan[self.work[slot.chain][0]][index]
+        slot.ended.add(index)
+        slot.running = None
+        if kind == "stopped" and not self.stopping:  # SIGTERM from elsewhere, not from this launcher
+            kind, text, slot.broken = "died", "FAILED: its worker was stopped by a SIGTERM from outside this sweep", True
+        self.counts[kind] += 1
+        if kind not in ("blocked", "stopped"):  # those are summed up at the end
+            self._line(step, text)
+
+    def run(self) -> int:
+        """Run every chain; the exit code (0, EXIT_FAILED, EXIT_CHANGED, EXIT_HELD, EXIT_INTERRUPTED)."""
+        for chain in self.plan:
+            for step in chain:
+                if step.action == "skip":
+                    self.counts["skip"] += 1
+                    self._line(step, "skipped (finished)")
+        try:
+            while self.pending or any(slot.process is not None for slot in self.slots):
+                self._fill()
+                self._wait()
+        except KeyboardInterrupt as exc:
+            self._stop()
+            finished = self.counts["ok"] + self.counts["skip"]
+            how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+            print(f"{how}: {finished} of {self.total} runs finished ({self.counts['ok']} in this sweep), "
+                  f"{self.counts['stopped']} stopped mid-run and resume from their last checkpoint; "
+                  f"resume with: {self.resume}", file=sys.stderr, flush=True)
+            return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
+        return self._summary()
+
+    def _start(self, slot: _Slot) -> None:
+        parent, child = self.context.Pipe()
+        slot.process = self.context.Process(target=_worker, args=(child, slot.device, self.threads, os.getpid()),
+                                            name="sweep-worker")
+        # Started with SIGINT blocked, so a Ctrl-C while it boots does not print a traceback
+        # from it; the worker ignores SIGINT from then on (see _worker).
+        # The slot is filled in before SIGINT is let through, so that _stop finds it whole.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            slot.process.start()
+            child.close()
+            slot.conn, slot.ready, slot.chain, slot.running, slot.ended, slot.broken = \
+                parent, False, None, None, set(), False
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _fill(self) -> None:
+        """Start workers for waiting chains, give chains to idle workers, let go of idle ones."""
+        for slot in self.slots:
+            if slot.process is None:
+                if self.pending:
+                    self._start(slot)
+            elif slot.ready and slot.chain is None:
+                if self.pending:
+                    slot.chain, slot.ended = self.pending.popleft(), set()
+                    slot.conn.send((self.sweep, self.work[slot.chain][1]))
+                else:
+                    slot.conn.send(None)
+                    slot.ready = False  # on its way out
+
+    def _wait(self) -> None:
+        waiting: dict[Any, tuple[_Slot, str]] = {}
+        for slot in self.slots:
+            if slot.process is not None:
+                waiting[slot.conn] = (slot, "conn")
+                waiting[slot.process.sentinel] = (slot, "exit")
+        for ready in wait(list(waiting)):
+            slot, what = waiting[ready]
+            if slot.process is None or (what == "conn" and slot.conn is not ready):
+                continue  # reaped already in this round
+            if what == "conn":
+                self._receive(slot)
+            else:
+                self._reap(slot)
+
+    def _receive(self, slot: _Slot) -> None:
+        try:
+            message = slot.conn.recv()
+        except Exception:  # EOF, or a message cut short by a dying worker
+            self._reap(slot)
+            return
+        if message[0] == "ready":
+            slot.ready, self.start_failures = True, 0
+        elif message[0] == "start":
+            slot.running = message[1]
+        elif message[0] == "end":
+            self._end(slot, *message[1:])
+        elif message[0] == "idle":
+            slot.chain = None
+
+    def _reap(self, slot: _Slot) -> None:
+        """A worker exited: take its last messages; if it died in a chain, fail the run it was in."""
+        with contextlib.suppress(Exception):
+            while slot.conn is not None and slot.conn.poll():
+                self._receive_quietly(slot)
+        slot.process.join(5)
+        code = slot.process.exitcode
+        if slot.chain is not None and not self.stopping:
+            chain, steps = self.work[slot.chain]
+            left = [i for i, _ in steps if i not in slot.ended]
+            if left and not slot.broken:
+                how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                hint = ", e.g. out of memory" if code == -signal.SIGKILL else ""
+                where = "" if slot.running is not None else " before it started this run"
+                self.counts["died"] += 1
+                self._line(self.plan[chain][slot.running if slot.running is not None else left[0]],
+                           f"FAILED: worker process died ({how}{hint}){where}")
+                left = left[1:] if slot.running is None else [i for i in left if i != slot.running]
+            # the rest of its chain is not started: later runs need the dead one, or wait for the next sweep
+            self.counts["blocked"] += len(left)
+        elif not slot.ready and slot.chain is None and code not in (0, None) and not self.stopping:
+            self.start_failures += 1
+            if self.start_failures >= 3:  # it is not one bad run: workers cannot start here
+                print(f"error: sweep workers exit on start (exit code {code}); see the messages above",
+                      file=sys.stderr, flush=True)
+                self.counts["blocked"] += sum(len(self.work[c][1]) for c in self.pending)
+                self.pending.clear()
+        if slot.conn is not None:
+            slot.conn.close()
+        slot.process, slot.conn, slot.ready, slot.chain, slot.running = None, None, False, None, None
+
+    def _receive_quietly(self, slot: _Slot) -> None:
+        """A dead worker's last message (no reaping on EOF: the caller is reaping)."""
+        message = slot.conn.recv()
+        if message[0] == "start":
+            slot.running = message[1]
+        elif message[0] == "end":
+            self._end(slot, *message[1:])
+        elif message[0] == "idle":
+            slot.chain = None
+
+    def _stop(self) -> None:
+        """Stop every worker (SIGTERM: each leaves its run resumable), wait STOP_GRACE_S for
+        them, then kill what is left; a second Ctrl-C kills at once."""
+        self.stopping = True
+        self.pending.clear()
+        live = [slot for slot in self.slots if slot.process is not None]
+        for slot in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        try:
+            while any(slot.process is not None for slot in self.slots) and time.monotonic() < deadline:
+                waiting = {}
+                for slot in self.slots:
+                    if slot.process is not None:
+                        if slot.conn is not None and not slot.conn.closed:
+                            waiting[slot.conn] = (slot, "conn")
+                        waiting[slot.process.sentinel] = (slot, "exit")
+                for ready in wait(list(waiting), timeout=max(0.0, deadline - time.monotonic())):
+                    slot, what = waiting[ready]
+                    if slot.process is None or (what == "conn" and slot.conn is not ready):
+                        continue
+                    if what == "conn":
+                        self._receive(slot)
+                    else:
+                        self._reap(slot)
+        except KeyboardInterrupt:
+            pass  # asked twice: do not wait
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.kill()
+                slot.process.join()
+                slot.process = None
+
+    def _summary(self) -> int:
+        """One closing line when something was left undone; the exit code."""
+        failed, changed, held = self.counts["failed"] + self.counts["died"], self.counts["changed"], self.counts["held"]
+        blocked = self.counts["blocked"]
+        if not (failed or changed or held or blocked):
+            return 0
+        parts = [f"{n} {what}" for n, what in ((failed, "failed"), (changed, "changed meanwhile"),
+                                               (held, "held by another process, left to it"),
+                                               (blocked, "not started (they need one of those)")) if n]
+        print(f"sweep incomplete: {', '.join(parts)} (above); when that is dealt with, rerun: {self.resume}",
+              file=sys.stderr, flush=True)
+        return EXIT_FAILED if failed or not (changed or held) else EXIT_CHANGED if changed else EXIT_HELD
+
+
+def execute(sweep: Sweep, jobs: int = 0, plan: list[list[Step]] | None = None, resume: str = "") -> int:
+    """Run a planned sweep (default: planned now, stopping at changed runs) in ``jobs`` worker
+    processes; print one line per run; return the exit code.
 
     On GPUs each worker owns one device (round-robin over the visible ones); on CPU each gets
     an equal share of the cores as torch threads (small models scale better over processes
     than over threads).
     """
-    chains = sweep.chains()
-    devices = visible_devices()
+    plan = plan_sweep(sweep) if plan is None else plan
+    # torch (to count GPUs) only when something runs: a finished sweep reports in a second
+    devices = visible_devices() if any(step.action != "skip" for chain in plan for step in chain) else []
     if jobs <= 0:  # auto: one worker per GPU, else one per CPU core
         jobs = len(devices) or os.cpu_count() or 1
-    jobs = max(1, min(jobs, len(chains) or 1))
-    total = sum(len(c) for c in chains)
-    stems = sorted({run.cfg for chain in chains for run in chain})
+    launcher = _Launcher(sweep, plan, jobs, devices, resume or "the same command")
+    stems = sorted({step.run.cfg for chain in plan for step in chain})
     cfg = sweep.cfg if stems == [sweep.cfg] else f"{sweep.cfg} (configs {', '.join(stems)})"
-    print(f"{sweep.protocol}: {sweep.trainer}/{cfg}, {total} runs in {len(chains)} chains, "
-          f"{jobs} at a time{f' on GPUs {devices}' if devices else ' on CPU'}", flush=True)
-    context = multiprocessing.get_context("spawn")  # no CUDA or thread state inherited from here
-    queue = None
-    if devices:
-        queue = context.Queue()
-        for i in range(jobs):
-            queue.put(devices[i % len(devices)])
-    threads = 0 if devices else max(1, (os.cpu_count() or 1) // jobs)
-    ok = True
-    done = 0
-    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
-                                     initargs=(queue, threads)) as pool:
-        pending = {pool.submit(_run_chain, sweep, chain): chain for chain in chains}
-        for future in futures.as_completed(pending):
-            try:
-                outcome = future.result()
-            except futures.process.BrokenProcessPool as exc:  # a worker died (killed, out of memory)
-                outcome = [(run, f"FAILED: worker process died ({exc})") for run in pending[future][:1]]
-            for run, state in outcome:
-                done += 1
-                ok &= not state.startswith("FAILED")
-                print(f"[{done}/{total}] {state}: {run.output_dir.relative_to(sweep.output)}", flush=True)
-    return ok
+    print(f"{sweep.protocol}: {sweep.trainer}/{cfg}, {launcher.total} runs in {len(plan)} chains, "
+          f"{len(launcher.slots)} at a time{f' on GPUs {devices}' if devices else ' on CPU'}", flush=True)
+    return launcher.run()
+
+
+# --------------------------------------------------------------------------- command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,8 +1022,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "CoOp/bench for TPT+CoOp (that sweep must have run in the same --output)")
     p.add_argument("--jobs", type=int, default=0,
                    help="worker processes; 0 = one per GPU, else one per CPU core [0]")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--rerun-changed", dest="on_change", action="store_const", const="rerun",
+                        help="run a finished run made with other settings again in a new folder next to it "
+                             "(seed1-2, ...); the tables count the newest run of a seed")
+    change.add_argument("--replace-changed", dest="on_change", action="store_const", const="replace",
+                        help="move a finished run made with other settings aside (.<folder>.replaced-<time>, kept "
+                             "on disk, out of the tables) and run it again in its folder")
+    p.add_argument("--command", default="",
+                   help="the command line that started this sweep (scripts/common.sh passes its own): printed "
+                        "as the way to resume, and with CHANGED=rerun|replace in front as the way to choose")
     p.epilog = "Extra KEY VALUE config options for train.py go after a '--'."
     return p
+
+
+def _commands(args: argparse.Namespace, argv: list[str]) -> tuple[str, Callable[[str], str]]:
+    """(the command that repeats this sweep, how = 'rerun'|'replace' -> the command that chooses how)."""
+    if args.command:
+        return ((f"CHANGED={args.on_change} " if args.on_change else "") + args.command,
+                lambda how: f"CHANGED={how} {args.command}")
+    cut = argv.index("--") if "--" in argv else len(argv)
+    before = [a for a in argv[:cut] if a not in ("--rerun-changed", "--replace-changed")]
+    python = ["python", "-m", "selftpt.sweep"]
+    return (shlex.join(python + argv),
+            lambda how: shlex.join(python + before + [f"--{how}-changed"] + argv[cut:]))
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,6 +1057,21 @@ def main(argv: list[str] | None = None) -> int:
     opts = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.opts = opts
+    resume, choose = _commands(args, argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # stop as on Ctrl-C
+    try:
+        return _main(args, resume, choose)
+    except KeyboardInterrupt as exc:  # before any run started (planning); execute handles its own
+        print(f"{'terminated' if isinstance(exc, _Terminated) else 'interrupted'} before any run started; "
+              f"rerun: {resume}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str]) -> int:
     source, targets = default_datasets(args.protocol, args.data)
     args.source = source if args.source is None else args.source
     args.datasets = args.datasets or targets
@@ -456,14 +1080,18 @@ def main(argv: list[str] | None = None) -> int:
         if not (REPO / "configs" / "datasets" / f"{stem}.yaml").is_file():
             known = sorted(p.stem for p in (REPO / "configs" / "datasets").glob("*.yaml"))
             print(f"error: no dataset config configs/datasets/{stem}.yaml (known: {', '.join(known)})", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
+    # Paths are the caller's: relative ones resolve against this process's directory, never the
+    # workers' (scripts/common.sh resolves them against the user's before it changes directory).
+    data = str(Path(args.data).expanduser().resolve()) if args.data else ""
     try:
-        sweep = Sweep(args.protocol, args.trainer, args.cfg, args.data, args.datasets, args.seeds, args.shots,
-                      Path(args.output).resolve(), args.source, args.backbone, list(args.opts or []),
+        sweep = Sweep(args.protocol, args.trainer, args.cfg, data, args.datasets, args.seeds, args.shots,
+                      Path(args.output).expanduser().resolve(), args.source, args.backbone, list(args.opts or []),
                       args.prompts_from)
     except PlanError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    print(f"output: {sweep.output}", flush=True)
     missing = sweep.missing_prompt_sources()
     if missing:
         trainer = args.prompts_from.split("/")[0]
@@ -471,8 +1099,24 @@ def main(argv: list[str] | None = None) -> int:
               f"e.g. {missing[0]}; run that method's {args.protocol} sweep with the same output, seeds and "
               f"shots first (e.g. CFG={args.prompts_from.split('/')[1]} bash scripts/{trainer.lower()}/"
               f"{args.protocol}.sh)", file=sys.stderr)
-        return 2
-    return 0 if execute(sweep, args.jobs) else 1
+        return EXIT_USAGE
+    from selftpt.errors import UserError
+    try:
+        plan = plan_sweep(sweep, args.on_change)
+    except UserError as err:  # the requested config does not build (e.g. an unknown KEY)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    changed = [step for chain in plan for step in chain if step.action == "changed"]
+    if changed:
+        for step in changed:
+            print(f"changed: {step.folder.relative_to(sweep.output)}: {_brief(step.changes)}", file=sys.stderr)
+        print(f"error: {len(changed)} finished run(s) above were made with other settings; nothing was run. "
+              f"Run them again in new folders next to the old ones (the tables count the newest): "
+              f"{choose('rerun')}", file=sys.stderr)
+        print(f"  or move the old ones aside (.<folder>.replaced-<time>, out of the tables) and run them again "
+              f"in place: {choose('replace')}", file=sys.stderr)
+        return EXIT_CHANGED
+    return execute(sweep, args.jobs, plan, resume)
 
 
 if __name__ == "__main__":
