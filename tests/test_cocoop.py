@@ -1,4 +1,5 @@
-"""CoCoOp (trainers/cocoop.py) on the tiny CLIP and TinyShapes, on CPU."""
+"""CoCoOp (trainers/cocoop.py) on CPU: mechanics on the tiny random CLIP and TinyShapes, learning
+on the pretrained tiny CLIP and LearnableShapes (tests/learnable_world.py)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,9 @@ import torch
 
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.config import extend_cfg
-from selftpt.toolbox import build_trainer, get_cfg_default
+from selftpt.toolbox import build_trainer, get_cfg_default, set_random_seed
 from tests.helpers import ListLoader, exact_calibration_batch, tiny_cfg
+from tests.learnable_world import learnable_cfg, training_set_loss
 
 COCOOP_CONFIG = "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
 
@@ -60,7 +62,7 @@ def test_each_image_gets_its_own_prompt_whatever_the_batch(tiny_data_root, tiny_
     assert torch.allclose(with_grad.detach(), together, atol=1e-5)
 
 
-def test_cocoop_trains_a_few_steps_and_evaluates(tiny_data_root, tiny_clip_path, tmp_path):
+def test_a_training_step_updates_the_context_and_the_meta_net(tiny_data_root, tiny_clip_path, tmp_path):
     trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("DATALOADER.TRAIN_X.BATCH_SIZE", 2))
     learner = trainer.model.prompt_learner
     before = {k: v.detach().clone() for k, v in learner.named_parameters()}
@@ -69,16 +71,29 @@ def test_cocoop_trains_a_few_steps_and_evaluates(tiny_data_root, tiny_clip_path,
     batches = iter(trainer.train_loader_x)
     for trainer.batch_idx in range(2):
         summary = trainer.forward_backward(next(batches))
-        assert math.isfinite(summary["loss"]) and 0.0 <= summary["acc"] <= 100.0
+        assert math.isfinite(summary["loss"])
         for name in ("linear1", "linear2"):
             grad = getattr(learner.meta_net, name).weight.grad
             assert grad is not None and grad.abs().sum() > 0
     for name, param in learner.named_parameters():
         assert not torch.equal(param.detach(), before[name]), f"{name} was not updated"
-    accuracy = trainer.test()
-    assert 0.0 <= accuracy <= 100.0
+    trainer.test()
     assert set(trainer.test_result["metrics"]) >= {"accuracy", "macro_f1", "ece"}
     assert trainer.test_result["num_images"] == 24
+
+
+def test_cocoop_learns_in_the_learnable_world(learnable_data_root, learnable_clip_path, tmp_path):
+    """Two epochs at batch 8. Measured (seeds 1-3): training-set CE falls to 0.23-0.49 of the
+    untrained prompt's and test accuracy ends at 98.3-99.2 (zero-shot CLIP: 43.3). The random
+    meta-net already moves the context off the misleading "a photo of a" (untrained accuracy
+    85.8-99.2), so the loss, not the accuracy, is what shows the learning."""
+    set_random_seed(1)
+    trainer = build_trainer(learnable_cfg(learnable_data_root, learnable_clip_path, "CoCoOp", (
+        "OUTPUT_DIR", str(tmp_path / "run"), "SEED", 1, "OPTIM.MAX_EPOCH", 2, "DATALOADER.TRAIN_X.BATCH_SIZE", 8)))
+    before = training_set_loss(trainer)
+    trainer.train()
+    assert training_set_loss(trainer) <= 0.65 * before
+    assert trainer.test_result["metrics"]["accuracy"] >= 80.0
 
 
 def test_cocoop_evaluation_records_ece(tiny_data_root, tiny_clip_path, tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import torch
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.launch import main
 from selftpt.toolbox import build_trainer, set_random_seed
-from tests.helpers import tiny_cfg, tiny_opts
+from tests.helpers import tiny_cfg
+from tests.learnable_world import learnable_opts
 
 
 def results(folder):
@@ -16,9 +17,12 @@ def results(folder):
 
 
 @pytest.fixture(scope="module")
-def selftpt_run(tmp_path_factory, tiny_data_root, tiny_clip_path):
+def selftpt_run(tmp_path_factory, learnable_data_root, learnable_clip_path):
+    """A 2-epoch train.py run in the learnable world (12 classes), where the trained prompt's
+    accuracy is far from chance, so that reloading it can be checked on real predictions."""
     out = tmp_path_factory.mktemp("selftpt") / "run"
-    opts = tiny_opts(tiny_data_root, tiny_clip_path, "SelfTPT") + ["TRAINER.SELFTPT.TTA_STEPS", "5"]
+    opts = learnable_opts(learnable_data_root, learnable_clip_path, "SelfTPT") + [
+        "OPTIM.MAX_EPOCH", "2", "TRAINER.SELFTPT.TTA_STEPS", "5"]
     assert main(["--output-dir", str(out), "--seed", "1", *opts]) == 0
     return out, opts
 
@@ -29,10 +33,10 @@ def test_training_records_gradient_alignment_and_adaptation(selftpt_run):
     assert len(rec["extra"]["grad_cos_per_epoch"]) == 2
     assert all(-1.0 <= c <= 1.0 for c in rec["extra"]["grad_cos_per_epoch"])
     tta = rec["extra"]["tta"]
-    assert tta["n_classes"] == 6 and tta["cpt_loss_after"] < tta["cpt_loss_before"]
+    assert tta["n_classes"] == 12 and tta["cpt_loss_after"] < tta["cpt_loss_before"]
     assert (out / "prompt_learner" / "model.pth.tar-2").is_file()
     assert (out / "cpt_head" / "model.pth.tar-2").is_file()
-    assert "Test-time adaptation on 6 class names: CPT loss" in (out / "log.txt").read_text()
+    assert "Test-time adaptation on 12 class names: CPT loss" in (out / "log.txt").read_text()
 
 
 def test_eval_only_reproduces_the_adapted_result(selftpt_run, tmp_path):
@@ -40,6 +44,9 @@ def test_eval_only_reproduces_the_adapted_result(selftpt_run, tmp_path):
     assert main(["--output-dir", str(tmp_path / "e"), "--seed", "1", "--eval-only", "--model-dir", str(out),
                  "--load-epoch", "2", *opts]) == 0
     trained, evaluated = results(out), results(tmp_path / "e")
+    # Far from chance (8.3%) and from zero-shot (43%): equal accuracies are equal predictions
+    # of a prompt that learnt something, not one class predicted for every image.
+    assert trained["metrics"]["accuracy"] >= 60.0
     assert evaluated["metrics"]["accuracy"] == trained["metrics"]["accuracy"]
     assert evaluated["metrics"]["ece"] == pytest.approx(trained["metrics"]["ece"], abs=1e-9)
     assert evaluated["extra"]["tta"]["cpt_loss_after"] == pytest.approx(trained["extra"]["tta"]["cpt_loss_after"])
@@ -103,8 +110,7 @@ def test_selftpt_v_ensembles_64_views(tiny_data_root, tiny_clip_path, tmp_path, 
     batch = next(iter(trainer.test_loader))
     assert batch["img"].shape == (4, 64, 3, 32, 32)
     seen = _count_image_passes(trainer, monkeypatch)
-    assert sum(seen) == 64 * len(trainer.test_loader.dataset)
-    assert 0.0 <= trainer.test_result["metrics"]["accuracy"] <= 100.0
+    assert sum(seen) == 64 * len(trainer.test_loader.dataset)  # the ensemble itself: test_objectives.py
 
 
 def test_gm_gradient_reaches_the_context(tiny_data_root, tiny_clip_path, tmp_path):
