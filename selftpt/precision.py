@@ -109,7 +109,3 @@ class GradientScale:
             self.scale /= 2.0
             self.backoffs += 1
 
-
-def is_finite(*tensors: torch.Tensor) -> bool:
-    """True when every element of every tensor is finite."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -105,3 +105,34 @@ def test_ece_equals_hand_computed_value():
     correct = torch.tensor([0, 1, 0, 1])
     # 4 bins (0,.25] (.25,.5] (.5,.75] (.75,1]: |0-.25|*1/4 + |.5-.75|*2/4 + |1-1|*1/4
     assert expected_calibration_error(conf, correct, n_bins=4) == pytest.approx(100 * (0.0625 + 0.125))
+
+
+# ------------------------------------------------------------ survivors of the mutation pilot
+def test_ensemble_views_defaults_are_the_documented_mean_and_tpt_fraction():
+    from selftpt.losses import ensemble_views
+
+    logits = torch.randn(2, 20, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ensemble_views(logits), ensemble_views(logits, "mean", 0.1))
+    assert torch.equal(ensemble_views(logits, "confident"), ensemble_views(logits, "confident", 0.1))
+    assert not torch.equal(ensemble_views(logits, "confident"), ensemble_views(logits, "confident", 0.5))
+    with pytest.raises(ValueError, match="VIEW_AGGREGATION must be 'mean' or 'confident'"):
+        ensemble_views(logits, "median")
+
+
+def test_cpt_class_sampling_never_exceeds_a_full_batch_and_follows_its_generator():
+    from selftpt.cpt import sample_classes
+
+    full = torch.arange(4)  # the batch already has CPT_MAX_CLASSES classes: nothing is added
+    assert torch.equal(sample_classes(full, 10, 4), full)
+    picks = []
+    for _ in range(2):
+        torch.manual_seed(len(picks))  # the global RNG differs between the draws; the generator does not
+        picks.append(sample_classes(torch.tensor([0]), 50, 8, torch.Generator().manual_seed(3)))
+    assert torch.equal(picks[0], picks[1]) and len(picks[0]) == 8
+
+
+def test_two_classes_make_one_chunk():
+    from selftpt.cpt import class_chunks
+
+    (chunk,) = class_chunks(2, 64, torch.Generator().manual_seed(0))
+    assert sorted(chunk.tolist()) == [0, 1]
