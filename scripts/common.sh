@@ -21,7 +21,9 @@ Usage: [VAR=value ...] bash scripts/${METHOD_DIR}/${PROTOCOL}.sh [KEY VALUE ...]
 
 Runs the ${PROTOCOL} protocol for ${TRAINER} over seeds (and shots), skipping finished runs and
 resuming interrupted ones, then prints the table of every method found under \$OUTPUT/${PROTOCOL}.
-Trailing KEY VALUE pairs are passed to train.py as config options.
+Trailing KEY VALUE pairs are passed to train.py as config options, e.g. a quick check that
+still trains (the first epoch of every shipped config is a constant warm-up at lr 1e-5):
+  SEEDS=1 DATASETS=shapeworld OUTPUT=/tmp/quick bash scripts/${METHOD_DIR}/${PROTOCOL}.sh OPTIM.MAX_EPOCH 3
 
 Environment (defaults in brackets; relative paths are relative to your current directory):
   DATA      dataset root as prepared for CoOp (see DATASETS.md)
