@@ -136,3 +136,12 @@ def test_two_classes_make_one_chunk():
 
     (chunk,) = class_chunks(2, 64, torch.Generator().manual_seed(0))
     assert sorted(chunk.tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize("n_cls, size", [(3, 2), (5, 2), (7, 2), (9, 4)])
+def test_class_chunks_partition_every_class_once_with_no_lone_class(n_cls, size):
+    from selftpt.cpt import class_chunks
+
+    chunks = class_chunks(n_cls, size, torch.Generator().manual_seed(1))
+    assert sorted(torch.cat(chunks).tolist()) == list(range(n_cls))
+    assert all(2 <= len(c) <= size + 1 for c in chunks)

@@ -143,3 +143,13 @@ def test_every_trainer_runs_in_fp16_and_amp_close_to_fp32(method, precision, fp3
         tta = trainer.result_extra["tta"]
         assert tta["cpt_loss_after"] < tta["cpt_loss_before"]  # stage 2 adapted, with finite steps
         assert tta["cpt_loss_after"] == pytest.approx(ref_trainer.result_extra["tta"]["cpt_loss_after"], rel=0.05)
+
+
+def test_gradient_scale_counts_each_backoff_and_names_an_overflowing_loss():
+    x = torch.ones(4, requires_grad=True)
+    scale = GradientScale(enabled=True, init_scale=4.0)
+    scale.grad((x.half() * 40000.0).sum().float(), [x])  # 40000 x 4 and x 2 overflow fp16, x 1 does not
+    assert (scale.backoffs, scale.scale) == (2, 1.0)
+    with pytest.raises(FloatingPointError, match="Non-finite gradient even without loss scaling.*PREC fp32"):
+        scale.grad((x.half() * 70000.0).sum().float(), [x])  # beyond fp16 even at scale 1
+    assert scale.scale == 1.0  # never below 1: the gradient is not shrunk below its true size
