@@ -3,6 +3,8 @@ explicit fp16/amp honoured on CPU, and every trainer in fp32, fp16 and amp givin
 close to fp32's."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def _run(method, precision, root, clip_path, out):
                    ("OUTPUT_DIR", str(out), "OPTIM.MAX_EPOCH", "1", "SEED", "1",
                     f"TRAINER.{node}.PREC", precision, *MATRIX[method]))
     set_random_seed(1)
-    with pytest.warns(UserWarning) if precision != "fp32" else _nothing():
+    with pytest.warns(UserWarning) if precision != "fp32" else contextlib.nullcontext():
         trainer = build_trainer(cfg)
     assert trainer.precision == precision
     if trainer.TRAINS:
@@ -105,14 +107,6 @@ def _run(method, precision, root, clip_path, out):
         logits = trainer.model_inference(images).float()
     tuned = [p for name in trainer.get_model_names() for p in trainer._models[name].parameters()]
     return trainer, logits, tuned
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.fixture(scope="module")
