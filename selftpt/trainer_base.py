@@ -47,7 +47,15 @@ class ClipTrainer(TrainerX):
     """Base of the CLIP trainers; ``CFG_NODE`` names the ``TRAINER.<NODE>`` config sub-node."""
 
     CFG_NODE = "COOP"
+    # What the trainer is, declared once here and read from the registry by sweeps, tables,
+    # result collection, the efficiency benchmark, the GPU check and the tests.
     TRAINS = True  # False: nothing to train, train.py evaluates directly (ZeroshotCLIP, TPT)
+    DETERMINISTIC = False  # the same result for every seed: sweeps run it once, unseeded
+    PER_IMAGE = False  # tunes on each test image (TPT): timed at batch 1, its test set can be sharded
+    TABLE_ORDER = 1000  # rank of its rows in tables; rows named by TRAINER.METHOD_NAME follow their trainer's
+    # Display name -> (config stem under configs/trainers/<Trainer>/, extra KEY VALUE options):
+    # the paper settings the efficiency benchmark times and the GPU check runs.
+    REFERENCE_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {}
     # What PREC "auto" means on CUDA: CoOp's fp16 weights; TPT uses "amp" (fp32 + autocast).
     # Other devices run fp32 under "auto"; see selftpt/precision.py for the whole policy.
     AUTO_CUDA_PRECISION = "fp16"
