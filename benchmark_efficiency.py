@@ -9,10 +9,14 @@ Examples:
     python benchmark_efficiency.py --dataset Caltech101 --root $DATA --cache-sweep
     python parse_results.py output/xd --plot eff.png --efficiency output/efficiency/efficiency_ViT-B-16_100cls.json
 
-See selftpt/efficiency.py for what is timed and how memory is measured.
+Run from the repository root: importing ``datasets`` and ``trainers`` registers them, and each
+measuring subprocess imports the same modules. See selftpt/efficiency/ for what is timed and how
+memory is measured, configs/efficiency.yaml for the comparisons and targets.
 """
 import sys
 
+import datasets  # noqa: F401  (registers the datasets)
+import trainers  # noqa: F401  (registers the trainers)
 from selftpt.efficiency import main
 
 if __name__ == "__main__":

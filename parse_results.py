@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 from selftpt import collect, tables
-from selftpt.published import BUILTIN_NAME, PublishedDataError, load_reference
+from selftpt.cli import user_errors
+from selftpt.errors import UserError
 from selftpt.plots import load_efficiency, plot_efficiency
+from selftpt.published import BUILTIN_NAME, PublishedDataError, load_reference
 
 
 def _seeds(values: list[str]) -> tuple[int, ...] | None:
@@ -25,6 +27,18 @@ def _seeds(values: list[str]) -> tuple[int, ...] | None:
 def _print_notes(notes: list[str]) -> None:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+
+
+def _register_trainers() -> None:
+    """Register the trainers, whose ``TABLE_ORDER`` orders the rows (imports torch, so not before
+    the arguments are checked). Where torch is not installed (tables of copied logs) rows are
+    alphabetical."""
+    try:
+        import trainers  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name in ("trainers", "selftpt") or (err.name or "").startswith(("trainers.", "selftpt.")):
+            raise
+        print(f"note: trainers not registered ({err}); methods are listed alphabetically", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
+    """0 when tables were printed; 1 when nothing was found; 2 with one ``error:`` line for a
+    user error (argparse's usage message for flags that do not fit together)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.plot) != bool(args.efficiency):
@@ -73,17 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reference = load_reference(args.reference)
         except PublishedDataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            raise UserError(str(err)) from None
     try:
         seeds = _seeds(args.seeds)
     except ValueError:
         parser.error(f"--seeds takes integers or 'all', got {' '.join(args.seeds)}")
+    _register_trainers()  # before collecting: folder names of registered trainers name methods
     try:
         found = collect.collect_runs(args.roots)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from None
     if args.list_runs:
         for r in sorted(found.runs, key=lambda r: (r.key, r.seed)):
             print(f"{r.protocol or '-'}\t{r.method}\t{r.dataset}\t{r.subsample}\t{r.shots}\t"
@@ -125,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             path, plot_notes = plot_efficiency(accuracy, load_efficiency(args.efficiency),
                                                args.plot, args.batch_size,
                                                accuracy_label=head.headline_label, flagged=flagged)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        except ValueError as err:  # a malformed efficiency file
+            raise UserError(str(err)) from None
         for note in plot_notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {path}", file=sys.stderr)

@@ -22,6 +22,8 @@ from tabulate import tabulate
 
 from datasets.catalog import CATALOG
 from datasets.prepare import check_dataset, download_files, select_specs
+from selftpt.cli import user_errors
+from selftpt.errors import UserError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -80,16 +82,15 @@ def _hashes(args: argparse.Namespace, specs: list) -> int:
     return 0
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if not args.root:
-        print("error: give --root /path/to/datasets (or set $DATA)", file=sys.stderr)
-        return 2
+        raise UserError("give --root /path/to/datasets (or set $DATA)")
     try:
         specs = select_specs(args.datasets)
-    except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 2
+    except KeyError as e:  # an unknown dataset name; the message lists the known ones
+        raise UserError(e.args[0]) from None
     return {"download": _download, "check": _check, "hashes": _hashes}[args.command](args, specs)
 
 

@@ -15,6 +15,7 @@ import os.path as osp
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from selftpt import dataset_catalog
 from selftpt.benchmark.catalog import DATASETS as BENCHMARK, WorldDataset
 from selftpt.benchmark.fashion import FashionMNISTUnavailable
 from selftpt.benchmark.materialize import default_data_root, materialize, split_filename
@@ -39,10 +40,12 @@ class BenchmarkSpec(DatasetSpec):
         return self.setup_fix(root)
 
 
-def _spec(name: str, stem: str) -> BenchmarkSpec:
+def _spec(name: str, stem: str = "") -> BenchmarkSpec:
+    """The layout of a generated dataset; its stem is the catalogue's (``selftpt.dataset_catalog``)
+    unless given (a dataset that is not in the catalogue, e.g. a test's)."""
     bench = BENCHMARK[name]
     return BenchmarkSpec(
-        name=name, stem=stem, folder=bench.dataset_dir, image_dir="images",
+        name=name, stem=stem or dataset_catalog.by_name(name).stem, folder=bench.dataset_dir, image_dir="images",
         num_classes=len(bench.classnames), data_dirs=("images",),
         source="the generator in selftpt.benchmark", anchor="built-in-benchmark",
         split_file=split_filename(name),
@@ -98,53 +101,53 @@ class BenchmarkShift(BenchmarkDataset):
 class ShapeWorld(BenchmarkDataset):
     """Colour x shape world, 64 classes ("red triangle"); the benchmark's ImageNet."""
 
-    spec = _spec("ShapeWorld", "shapeworld")
+    spec = _spec("ShapeWorld")
 
 
 @DATASET_REGISTRY.register()
 class MoreShapes(BenchmarkDataset):
     """Other colours x other shapes, 48 classes ("cyan pentagon"); a cross-dataset target."""
 
-    spec = _spec("MoreShapes", "moreshapes")
+    spec = _spec("MoreShapes")
 
 
 @DATASET_REGISTRY.register()
 class ShapePatterns(BenchmarkDataset):
     """Fill pattern x shape, 40 classes ("striped star"), any colour; a cross-dataset target."""
 
-    spec = _spec("ShapePatterns", "shapepatterns")
+    spec = _spec("ShapePatterns")
 
 
 @DATASET_REGISTRY.register()
 class FashionMNIST(BenchmarkDataset):
     """Fashion-MNIST (Xiao et al. 2017), 10 classes, real images; a cross-dataset target."""
 
-    spec = _spec("FashionMNIST", "fashion_mnist")
+    spec = _spec("FashionMNIST")
 
 
 @DATASET_REGISTRY.register()
 class ShapeWorldSketch(BenchmarkShift):
     """ShapeWorld's classes drawn as outlines on paper (like ImageNet-Sketch)."""
 
-    spec = _spec("ShapeWorldSketch", "shapeworld_sketch")
+    spec = _spec("ShapeWorldSketch")
 
 
 @DATASET_REGISTRY.register()
 class ShapeWorldNoisy(BenchmarkShift):
     """ShapeWorld under heavy pixel noise and blur (a corruption shift)."""
 
-    spec = _spec("ShapeWorldNoisy", "shapeworld_noisy")
+    spec = _spec("ShapeWorldNoisy")
 
 
 @DATASET_REGISTRY.register()
 class ShapeWorldPastel(BenchmarkShift):
     """ShapeWorld in washed-out colours under tinted light (a palette shift)."""
 
-    spec = _spec("ShapeWorldPastel", "shapeworld_pastel")
+    spec = _spec("ShapeWorldPastel")
 
 
 @DATASET_REGISTRY.register()
 class ShapeWorldClutter(BenchmarkShift):
     """ShapeWorld with smaller objects among many distractors and occluders (like ImageNet-A)."""
 
-    spec = _spec("ShapeWorldClutter", "shapeworld_clutter")
+    spec = _spec("ShapeWorldClutter")

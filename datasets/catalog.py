@@ -1,12 +1,16 @@
 """Where each of CoOp's 15 datasets lives under ``$DATA`` and where its files come from.
 
 Plain data (no torch import): the dataset classes, ``prepare_data.py`` (download / check)
-and ``DATASETS.md`` all describe the same layouts, taken from CoOp's ``DATASETS.md``.
+and ``DATASETS.md`` all describe the same layouts, taken from CoOp's ``DATASETS.md``. Names,
+config stems, templates and protocol roles are the library's (``selftpt.dataset_catalog``);
+this file adds each dataset's layout, keyed by its registered name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+from selftpt import dataset_catalog
 
 __all__ = ["RemoteFile", "DatasetSpec", "CATALOG", "SHA256", "get_spec", "drive_url"]
 
@@ -87,101 +91,107 @@ def _split(name: str, drive_id: str) -> RemoteFile:
     return RemoteFile(f"split_zhou_{name}.json", drive_id, "split")
 
 
+def _coop(name: str, **layout) -> DatasetSpec:
+    """The layout of a dataset of ``selftpt.dataset_catalog`` (which gives its config stem)."""
+    return DatasetSpec(name=name, stem=dataset_catalog.by_name(name).stem, **layout)
+
+
 _SPECS = [
-    DatasetSpec(
-        "ImageNet", "imagenet", "imagenet", "images", 1000, ("images/train", "images/val"),
-        "ImageNet-1k (ILSVRC2012 train and val, val sorted into wnid folders) from https://image-net.org",
-        "imagenet", required_files=("classnames.txt",), remote=(_CLASSNAMES,),
+    _coop(
+        "ImageNet", folder="imagenet", image_dir="images", num_classes=1000, data_dirs=("images/train", "images/val"),
+        source="ImageNet-1k (ILSVRC2012 train and val, val sorted into wnid folders) from https://image-net.org",
+        anchor="imagenet", required_files=("classnames.txt",), remote=(_CLASSNAMES,),
     ),
-    DatasetSpec(
-        "Caltech101", "caltech101", "caltech-101", "101_ObjectCategories", 100, ("101_ObjectCategories",),
-        "101_ObjectCategories.tar.gz from https://data.caltech.edu/records/mzrjq-6wc02",
-        "caltech101", split_file="split_zhou_Caltech101.json",
+    _coop(
+        "Caltech101", folder="caltech-101", image_dir="101_ObjectCategories", num_classes=100,
+        data_dirs=("101_ObjectCategories",),
+        source="101_ObjectCategories.tar.gz from https://data.caltech.edu/records/mzrjq-6wc02",
+        anchor="caltech101", split_file="split_zhou_Caltech101.json",
         remote=(_split("Caltech101", "1hyarUivQE36mY6jSomru6Fjd-JzwcCzN"),),
     ),
-    DatasetSpec(
-        "OxfordPets", "oxford_pets", "oxford_pets", "images", 37, ("images",),
-        "images.tar.gz and annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/",
-        "oxfordpets", split_file="split_zhou_OxfordPets.json",
+    _coop(
+        "OxfordPets", folder="oxford_pets", image_dir="images", num_classes=37, data_dirs=("images",),
+        source="images.tar.gz and annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/",
+        anchor="oxfordpets", split_file="split_zhou_OxfordPets.json",
         raw_files=("annotations/trainval.txt", "annotations/test.txt"),
         remote=(_split("OxfordPets", "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs"),),
     ),
-    DatasetSpec(
-        "StanfordCars", "stanford_cars", "stanford_cars", "", 196, ("cars_train", "cars_test"),
-        "cars_train.tgz, cars_test.tgz, car_devkit.tgz and cars_test_annos_withlabels.mat "
-        "from https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
-        "stanfordcars", split_file="split_zhou_StanfordCars.json",
+    _coop(
+        "StanfordCars", folder="stanford_cars", image_dir="", num_classes=196, data_dirs=("cars_train", "cars_test"),
+        source="cars_train.tgz, cars_test.tgz, car_devkit.tgz and cars_test_annos_withlabels.mat "
+               "from https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
+        anchor="stanfordcars", split_file="split_zhou_StanfordCars.json",
         raw_files=("devkit/cars_train_annos.mat", "devkit/cars_meta.mat", "cars_test_annos_withlabels.mat"),
         remote=(_split("StanfordCars", "1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT"),),
     ),
-    DatasetSpec(
-        "OxfordFlowers", "oxford_flowers", "oxford_flowers", "jpg", 102, ("jpg",),
-        "102flowers.tgz and imagelabels.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
-        "oxfordflowers", split_file="split_zhou_OxfordFlowers.json",
+    _coop(
+        "OxfordFlowers", folder="oxford_flowers", image_dir="jpg", num_classes=102, data_dirs=("jpg",),
+        source="102flowers.tgz and imagelabels.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
+        anchor="oxfordflowers", split_file="split_zhou_OxfordFlowers.json",
         raw_files=("imagelabels.mat", "cat_to_name.json"),
         remote=(_split("OxfordFlowers", "1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT"),
                 RemoteFile("cat_to_name.json", "1AkcxCXeK_RCGCEC_GvmWxjcjaNhu-at0", "cat_to_name")),
     ),
-    DatasetSpec(
-        "Food101", "food101", "food-101", "images", 101, ("images",),
-        "food-101.tar.gz from https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/",
-        "food101", split_file="split_zhou_Food101.json",
+    _coop(
+        "Food101", folder="food-101", image_dir="images", num_classes=101, data_dirs=("images",),
+        source="food-101.tar.gz from https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/",
+        anchor="food101", split_file="split_zhou_Food101.json",
         remote=(_split("Food101", "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl"),),
     ),
-    DatasetSpec(
-        "FGVCAircraft", "fgvc_aircraft", "fgvc_aircraft", "images", 100, ("images",),
-        "fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ "
-        "(keep its data/ folder, renamed to fgvc_aircraft/)",
-        "fgvcaircraft",
+    _coop(
+        "FGVCAircraft", folder="fgvc_aircraft", image_dir="images", num_classes=100, data_dirs=("images",),
+        source="fgvc-aircraft-2013b.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ "
+               "(keep its data/ folder, renamed to fgvc_aircraft/)",
+        anchor="fgvcaircraft",
         raw_files=("variants.txt", "images_variant_train.txt", "images_variant_val.txt", "images_variant_test.txt"),
     ),
-    DatasetSpec(
-        "SUN397", "sun397", "sun397", "SUN397", 397, ("SUN397",),
-        "SUN397.tar.gz and Partitions.zip from https://vision.princeton.edu/projects/2010/SUN/",
-        "sun397", split_file="split_zhou_SUN397.json",
+    _coop(
+        "SUN397", folder="sun397", image_dir="SUN397", num_classes=397, data_dirs=("SUN397",),
+        source="SUN397.tar.gz and Partitions.zip from https://vision.princeton.edu/projects/2010/SUN/",
+        anchor="sun397", split_file="split_zhou_SUN397.json",
         raw_files=("ClassName.txt", "Training_01.txt", "Testing_01.txt"),
         remote=(_split("SUN397", "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq"),),
     ),
-    DatasetSpec(
-        "DescribableTextures", "dtd", "dtd", "images", 47, ("images",),
-        "dtd-r1.0.1.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/dtd/",
-        "dtd", split_file="split_zhou_DescribableTextures.json",
+    _coop(
+        "DescribableTextures", folder="dtd", image_dir="images", num_classes=47, data_dirs=("images",),
+        source="dtd-r1.0.1.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/dtd/",
+        anchor="dtd", split_file="split_zhou_DescribableTextures.json",
         remote=(_split("DescribableTextures", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"),),
     ),
-    DatasetSpec(
-        "EuroSAT", "eurosat", "eurosat", "2750", 10, ("2750",),
-        "EuroSAT.zip (RGB) from https://github.com/phelber/EuroSAT",
-        "eurosat", split_file="split_zhou_EuroSAT.json",
+    _coop(
+        "EuroSAT", folder="eurosat", image_dir="2750", num_classes=10, data_dirs=("2750",),
+        source="EuroSAT.zip (RGB) from https://github.com/phelber/EuroSAT",
+        anchor="eurosat", split_file="split_zhou_EuroSAT.json",
         remote=(_split("EuroSAT", "1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o"),),
     ),
-    DatasetSpec(
-        "UCF101", "ucf101", "ucf101", "UCF-101-midframes", 101, ("UCF-101-midframes",),
-        "UCF-101-midframes.zip from https://drive.google.com/uc?id=10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O",
-        "ucf101", split_file="split_zhou_UCF101.json",
+    _coop(
+        "UCF101", folder="ucf101", image_dir="UCF-101-midframes", num_classes=101, data_dirs=("UCF-101-midframes",),
+        source="UCF-101-midframes.zip from https://drive.google.com/uc?id=10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O",
+        anchor="ucf101", split_file="split_zhou_UCF101.json",
         raw_files=("ucfTrainTestlist/classInd.txt", "ucfTrainTestlist/trainlist01.txt",
                    "ucfTrainTestlist/testlist01.txt"),
         remote=(_split("UCF101", "1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y"),),
     ),
-    DatasetSpec(
-        "ImageNetV2", "imagenetv2", "imagenetv2", "imagenetv2-matched-frequency-format-val", 1000,
-        ("imagenetv2-matched-frequency-format-val",),
-        "imagenetv2-matched-frequency.tar.gz from https://github.com/modestyachts/ImageNetV2",
-        "imagenetv2", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
+    _coop(
+        "ImageNetV2", folder="imagenetv2", image_dir="imagenetv2-matched-frequency-format-val", num_classes=1000,
+        data_dirs=("imagenetv2-matched-frequency-format-val",),
+        source="imagenetv2-matched-frequency.tar.gz from https://github.com/modestyachts/ImageNetV2",
+        anchor="imagenetv2", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
     ),
-    DatasetSpec(
-        "ImageNetSketch", "imagenet_sketch", "imagenet-sketch", "images", 1000, ("images",),
-        "ImageNet-Sketch from https://github.com/HaohanWang/ImageNet-Sketch",
-        "imagenet-sketch", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
+    _coop(
+        "ImageNetSketch", folder="imagenet-sketch", image_dir="images", num_classes=1000, data_dirs=("images",),
+        source="ImageNet-Sketch from https://github.com/HaohanWang/ImageNet-Sketch",
+        anchor="imagenet-sketch", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
     ),
-    DatasetSpec(
-        "ImageNetA", "imagenet_a", "imagenet-adversarial", "imagenet-a", 200, ("imagenet-a",),
-        "imagenet-a.tar from https://github.com/hendrycks/natural-adv-examples",
-        "imagenet-a", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
+    _coop(
+        "ImageNetA", folder="imagenet-adversarial", image_dir="imagenet-a", num_classes=200, data_dirs=("imagenet-a",),
+        source="imagenet-a.tar from https://github.com/hendrycks/natural-adv-examples",
+        anchor="imagenet-a", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
     ),
-    DatasetSpec(
-        "ImageNetR", "imagenet_r", "imagenet-rendition", "imagenet-r", 200, ("imagenet-r",),
-        "imagenet-r.tar from https://github.com/hendrycks/imagenet-r",
-        "imagenet-r", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
+    _coop(
+        "ImageNetR", folder="imagenet-rendition", image_dir="imagenet-r", num_classes=200, data_dirs=("imagenet-r",),
+        source="imagenet-r.tar from https://github.com/hendrycks/imagenet-r",
+        anchor="imagenet-r", required_files=("classnames.txt",), remote=(_CLASSNAMES,), test_only=True,
     ),
 ]
 
@@ -198,13 +208,9 @@ SHA256: dict[str, Optional[str]] = {
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """Spec of a dataset by registry name or config stem, ignoring case, "_" and "-"
-    (so ``imagenet_v2`` finds ImageNetV2)."""
-
-    def key(text: str) -> str:
-        return text.lower().replace("_", "").replace("-", "")
-
-    for spec in _SPECS:
-        if key(name) in (key(spec.name), key(spec.stem)):
-            return spec
-    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(CATALOG)}")
+    """Spec of a dataset by registry name, config stem or alias, ignoring case, "_" and "-"
+    (so ``imagenetv2`` finds ImageNetV2)."""
+    info = dataset_catalog.find(name, dataset_catalog.PAPER)
+    if info is None:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(CATALOG)}")
+    return CATALOG[info.name]

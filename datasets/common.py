@@ -105,6 +105,12 @@ def resolve_root(cfg: Any, dataset: str) -> str:
     return osp.abspath(osp.expanduser(root))
 
 
+def read_lines(path: str) -> list[str]:
+    """Non-empty, non-comment lines of a text file, stripped."""
+    with open(path, "r") as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def require_dir(dataset: str, path: str, what: str, fix: str) -> None:
     """Raise :class:`DatasetError` if the folder ``path`` does not exist."""
     if not osp.isdir(path):

@@ -1,11 +1,41 @@
 """FGVC-Aircraft in CoOp's layout: the archive's ``data/`` folder renamed ``fgvc_aircraft/``."""
 from __future__ import annotations
 
+import os.path as osp
+
 from selftpt.toolbox import DATASET_REGISTRY
 
 from .catalog import CATALOG
-from .common import DatasetError
+from .common import DatasetError, read_lines
 from .template import SplitDataset, Splits
+
+SPLITS = ("train", "val", "test")
+
+
+def read_aircraft_lists(dataset_dir: str, fix: str) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+    """The official lists, read for loading and for ``prepare_data.py check`` alike.
+
+    Returns:
+        The variants in class order (``variants.txt``) and, per split, the ``(image id,
+        variant)`` pairs of ``images_variant_<split>.txt``.
+
+    Raises:
+        DatasetError: a split names a variant that ``variants.txt`` does not list (``fix`` says
+            what to do).
+    """
+    variants = read_lines(osp.join(dataset_dir, "variants.txt"))
+    known = set(variants)
+    splits: dict[str, list[tuple[str, str]]] = {}
+    for split in SPLITS:
+        relpath = f"images_variant_{split}.txt"
+        splits[split] = []
+        for line in read_lines(osp.join(dataset_dir, relpath)):
+            image_id, _, variant = line.partition(" ")
+            if variant not in known:
+                raise DatasetError("FGVCAircraft", f"variant {variant!r} of {relpath} is not in variants.txt",
+                                   f"{dataset_dir}/{relpath}", fix)
+            splits[split].append((image_id, variant))
+    return variants, splits
 
 
 @DATASET_REGISTRY.register()
@@ -19,15 +49,7 @@ class FGVCAircraft(SplitDataset):
     spec = CATALOG["FGVCAircraft"]
 
     def build_split(self) -> Splits:
-        cname2lab = {name: i for i, name in enumerate(self.read_lines("variants.txt"))}
-        return tuple(self.read_data(cname2lab, f"images_variant_{s}.txt") for s in ("train", "val", "test"))
-
-    def read_data(self, cname2lab: dict[str, int], relpath: str) -> list:
-        items = []
-        for line in self.read_lines(relpath):
-            image_id, variant = line.split(" ", 1)
-            if variant not in cname2lab:
-                raise DatasetError(self.spec.name, f"variant {variant!r} of {relpath} is not in variants.txt",
-                                   f"{self.dataset_dir}/{relpath}", f"re-extract {self.spec.source}")
-            items.append(self.datum(f"{image_id}.jpg", cname2lab[variant], variant))
-        return items
+        variants, splits = read_aircraft_lists(self.dataset_dir, f"re-extract {self.spec.source}")
+        cname2lab = {name: i for i, name in enumerate(variants)}
+        return tuple([self.datum(f"{image_id}.jpg", cname2lab[variant], variant) for image_id, variant in splits[s]]
+                     for s in SPLITS)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 from .catalog import CATALOG, SHA256, DatasetSpec, RemoteFile, get_spec
-from .common import split_problems
+from .common import DatasetError, split_problems
+from .fgvc_aircraft import read_aircraft_lists
 
 __all__ = [
     "FileResult",
@@ -274,19 +275,15 @@ def _check_split_file(spec: DatasetSpec, dataset_dir: str, result: CheckResult, 
 def _check_aircraft(spec: DatasetSpec, dataset_dir: str, result: CheckResult, verify_images: bool) -> None:
     if result.missing:
         return
-    with open(osp.join(dataset_dir, "variants.txt")) as f:
-        variants = {ln.strip() for ln in f if ln.strip()}
-    if len(variants) != spec.num_classes:
-        result.malformed.append(f"variants.txt lists {len(variants)} variants, expected {spec.num_classes}")
-    paths = []
-    for name in spec.raw_files[1:]:
-        with open(osp.join(dataset_dir, name)) as f:
-            for ln in filter(None, (ln.strip() for ln in f)):
-                image_id, _, variant = ln.partition(" ")
-                if variant not in variants:
-                    result.malformed.append(f"{name} names variant {variant!r}, not in variants.txt")
-                    return
-                paths.append(osp.join(dataset_dir, spec.image_dir, f"{image_id}.jpg"))
+    try:
+        variants, splits = read_aircraft_lists(dataset_dir, spec.setup_fix())
+    except DatasetError as err:
+        result.malformed.append(err.problem)
+        return
+    if len(set(variants)) != spec.num_classes:
+        result.malformed.append(f"variants.txt lists {len(set(variants))} variants, expected {spec.num_classes}")
+    paths = [osp.join(dataset_dir, spec.image_dir, f"{image_id}.jpg")
+             for pairs in splits.values() for image_id, _ in pairs]
     absent = [p for p in paths if not osp.isfile(p)]
     if absent:
         result.missing.append(f"{len(absent)} of {len(paths)} listed images, e.g. {absent[0]}")

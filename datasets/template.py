@@ -19,6 +19,7 @@ from .catalog import DatasetSpec
 from .common import (
     DatasetError,
     load_or_create_fewshot,
+    read_lines,
     read_split,
     require_dir,
     require_train_classes,
@@ -136,8 +137,7 @@ class SplitDataset(_SpecDataset):
 
     def read_lines(self, relpath: str) -> list[str]:
         """Non-empty, non-comment lines of a text file under the dataset folder."""
-        with open(osp.join(self.dataset_dir, relpath), "r") as f:
-            return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        return read_lines(osp.join(self.dataset_dir, relpath))
 
     def datum(self, relpath: str, label: int, classname: str) -> Datum:
         """A ``Datum`` for an image under ``image_dir``; one-line error if the file is absent."""

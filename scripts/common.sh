@@ -75,8 +75,11 @@ run_protocol() {
   if [ -z "${DATA:-}" ]; then CFG="${CFG:-$BENCH_CFG}"; else CFG="${CFG:-$PAPER_CFG}"; fi
   local output="${OUTPUT:-$REPO/output}"
   local status=0
+  # --register: the sweep and each of its workers import the repository's datasets and trainers
+  # (the library imports neither by itself)
   # shellcheck disable=SC2086
-  "$PY" -m selftpt.sweep "$PROTOCOL" --trainer "$TRAINER" --cfg "$CFG" --data "${DATA:-}" \
+  "$PY" -m selftpt.sweep --register datasets --register trainers \
+    "$PROTOCOL" --trainer "$TRAINER" --cfg "$CFG" --data "${DATA:-}" \
     ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
     ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-0}" ${BACKBONE:+--backbone "$BACKBONE"} \
     ${PROMPTS_FROM:+--prompts-from "$PROMPTS_FROM"} ${change[@]+"${change[@]}"} --command "$command" \

@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # clip imports the deprecated pkg_resources
     import clip
     from clip.model import CLIP, build_model, convert_weights
 
-from selftpt.errors import UserError
+from selftpt.errors import ConfigError, UserError
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -141,6 +141,34 @@ def resolve_backbone_file(name: str, path: str = "", download_root: str | None =
     raise BackboneError(_unknown_message(name, available_backbones()))
 
 
+def local_backbone_file(name: str, path: str = "", download_root: str | None = None) -> str | None:
+    """The file ``load_clip`` would read for backbone ``name`` when it is on this machine
+    already (``path``, a file named ``name``, a built-in asset, OpenAI's file in the download
+    cache), else None; never downloads (a benchmark then builds random weights instead)."""
+    if path:
+        return path
+    if os.path.isfile(name):
+        return name
+    if name in BUILTIN_BACKBONES and (ASSET_DIR / BUILTIN_BACKBONES[name]).is_file():
+        return str(ASSET_DIR / BUILTIN_BACKBONES[name])
+    url = clip.clip._MODELS.get(name)
+    if url:
+        cached = Path(download_root or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if cached.is_file():
+            return str(cached)
+    return None
+
+
+def image_resolution(state_dict: dict[str, torch.Tensor]) -> int:
+    """Input resolution of CLIP weights, inferred as ``clip.model.build_model`` does."""
+    if "visual.proj" in state_dict:  # ViT
+        patch = state_dict["visual.conv1.weight"].shape[-1]
+        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        return int(patch * grid)
+    grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return int(grid * 32)
+
+
 def load_clip(name: str, path: str = "", device: str | torch.device = "cpu",
               precision: str = "fp32") -> CLIP:
     """Load a CLIP model in eval mode, on ``device``, in the given precision.
@@ -182,7 +210,7 @@ def tokenize(texts: str | list[str], context_length: int) -> torch.Tensor:
         return clip.tokenize(texts, context_length=context_length)
     except RuntimeError:
         long = next(t for t in texts if token_count(t) + 2 > context_length)
-        raise ValueError(
+        raise ConfigError(
             f"Text {long!r} is longer than the text encoder's context length ({context_length} tokens); "
             "shorten the class name or the prompt template"
         ) from None

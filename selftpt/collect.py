@@ -16,54 +16,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from selftpt import dassl_log
+from selftpt import dassl_log, dataset_catalog, protocols
 from selftpt.results import RESULTS_FILENAME, ResultsFileError, read_results
+from selftpt.trainer_facts import registered_trainers
 
 # Folder names that say which protocol a run belongs to (nearest to the run wins).
-_PROTOCOL_DIRS = {
-    "base2new": "base2new",
-    "base2novel": "base2new",
-    "xd": "xd",
-    "cross_dataset": "xd",
-    "crossdataset": "xd",
-    "dg": "dg",
-    "domain_generalization": "dg",
-    "fewshot": "fewshot",
-    "few_shot": "fewshot",
-}
+_PROTOCOL_DIRS = protocols.folder_names()
 _SUBSAMPLE_DIRS = {"train_base": "base", "test_base": "base", "test_new": "new", "test_all": "all"}
-# CoOp's dataset order, then the DG variants; registered names and config-file names.
-_DATASETS = {
-    "imagenet": "ImageNet",
-    "caltech101": "Caltech101",
-    "oxfordpets": "OxfordPets",
-    "stanfordcars": "StanfordCars",
-    "oxfordflowers": "OxfordFlowers",
-    "flowers102": "OxfordFlowers",
-    "food101": "Food101",
-    "fgvcaircraft": "FGVCAircraft",
-    "sun397": "SUN397",
-    "describabletextures": "DescribableTextures",
-    "dtd": "DescribableTextures",
-    "eurosat": "EuroSAT",
-    "ucf101": "UCF101",
-    "imagenetv2": "ImageNetV2",
-    "imagenetsketch": "ImageNetSketch",
-    "imageneta": "ImageNetA",
-    "imagenetr": "ImageNetR",
-}
-DATASET_ORDER = list(dict.fromkeys(_DATASETS.values()))  # row/column order of tables
-_KNOWN_TRAINERS = ("ZeroshotCLIP", "ZeroshotCLIP2", "CoOp", "CoCoOp", "TPT", "SelfTPT",
-                   "KgCoOp", "MaPLe", "PromptSRC", "IVLP")
+# The paper's datasets (selftpt.dataset_catalog): squashed spellings -> registered name, and the
+# row/column order of tables. Benchmark datasets are recorded by their registered names and
+# sort by name after these.
+_DATASETS = dataset_catalog.alias_table(dataset_catalog.PAPER)
+DATASET_ORDER = dataset_catalog.table_order(dataset_catalog.PAPER)
+# Trainer folder names of CoOp-family repositories whose trainers are not registered here, so
+# that their logs without a config block still name a method; the registered trainers
+# (selftpt.trainer_facts) are recognised too.
+FOREIGN_TRAINERS = ("KgCoOp", "MaPLe", "PromptSRC", "IVLP")
 
 
-def _squash(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+def known_trainers() -> set[str]:
+    """Trainer names recognised in folder names: the registered ones and ``FOREIGN_TRAINERS``."""
+    return set(registered_trainers()) | set(FOREIGN_TRAINERS)
 
 
 def canonical_dataset(name: str) -> str:
     """Registered Dassl name for a dataset name or config-file name (unknown names unchanged)."""
-    return _DATASETS.get(_squash(name), name)
+    return _DATASETS.get(dataset_catalog.squash(name), name)
 
 
 @dataclass(frozen=True)
@@ -83,6 +61,7 @@ class Run:
     origin: str  # "results" | "log"
     config_digest: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)  # results.json "extra"
+    trainer: str = ""  # TRAINER.NAME that produced it ("" when unknown); ranks its rows in tables
 
     @property
     def key(self) -> "GroupKey":
@@ -122,6 +101,7 @@ def _fields_from_path(run_dir: Path) -> dict:
     """Best-effort fields from CoOp/PromptSRC folder names (the fallback)."""
     parts = run_dir.parts
     found: dict = {}
+    trainers = known_trainers()
     for i, part in enumerate(parts):
         if m := re.fullmatch(r"seed(-?\d+)", part):
             found["seed"] = int(m.group(1))
@@ -133,9 +113,9 @@ def _fields_from_path(run_dir: Path) -> dict:
             if len(parts) > i + 3 and re.fullmatch(r"shots_\d+", parts[i + 2]):
                 found.setdefault("dataset", parts[i + 1])
                 found.setdefault("method", parts[i + 3])
-        elif _squash(part) in _DATASETS:
+        elif dataset_catalog.squash(part) in _DATASETS:
             found.setdefault("dataset", part)
-        elif part in _KNOWN_TRAINERS:
+        elif part in trainers:
             found.setdefault("method", part)
     return found
 
@@ -163,6 +143,7 @@ def _run_from_results(path: Path) -> Run:
         origin="results",
         config_digest=rec["config_digest"],
         extra=rec.get("extra") or {},
+        trainer=rec["trainer"],
     )
 
 
@@ -192,6 +173,7 @@ def _run_from_log(log: dassl_log.ParsedLog) -> Run | str:
         metrics=metrics,
         source=log.path,
         origin="log",
+        trainer=trainer or "",
     )
 
 

@@ -260,8 +260,10 @@ def validate_cfg(cfg: CN, trains: bool = True) -> None:
         if problem:
             raise ConfigError(f"{key} is {value!r}; {problem}")
     if trains and COUNT.problem(cfg.OPTIM.MAX_EPOCH):
+        from selftpt.trainer_facts import registered_trainers
+        free = ", ".join(name for name, cls in registered_trainers().items() if not cls.TRAINS)
         raise ConfigError(f"OPTIM.MAX_EPOCH is {cfg.OPTIM.MAX_EPOCH!r}; a trainer that trains needs at "
-                          "least 1 epoch (training-free trainers: ZeroshotCLIP, TPT)")
+                          "least 1 epoch" + (f" (training-free trainers: {free})" if free else ""))
     s = cfg.TRAINER.SELFTPT
     if s.USE_GM and not s.USE_CPT:
         raise ConfigError("TRAINER.SELFTPT.USE_GM is True but TRAINER.SELFTPT.USE_CPT is False; GM aligns the "

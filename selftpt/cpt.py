@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from selftpt.clip_loader import tokenize
+from selftpt.errors import ConfigError
 from selftpt.losses import supervised_contrastive_loss
 from selftpt.prompt_learner import POSITIONS
 from selftpt.prompted_clip import PromptedCLIP
+from selftpt.text_encoder import encode_in_chunks
 
 HANDCRAFTED = "handcrafted"
 VIEWS = (*POSITIONS, HANDCRAFTED)
@@ -33,7 +35,7 @@ def build_head(kind: str, dim: int) -> nn.Module:
         return nn.Linear(dim, dim)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"TRAINER.SELFTPT.HEAD must be one of {HEADS}; got {kind!r}")
+    raise ConfigError(f"TRAINER.SELFTPT.HEAD must be one of {HEADS}; got {kind!r}")
 
 
 def sample_classes(required: torch.Tensor, n_cls: int, max_classes: int,
@@ -80,9 +82,9 @@ class ContrastivePromptTask(nn.Module):
         super().__init__()
         unknown = [v for v in views if v not in VIEWS]
         if unknown:
-            raise ValueError(f"Unknown CPT view(s) {unknown}; choose from {VIEWS}")
+            raise ConfigError(f"Unknown CPT view(s) {unknown}; choose from {VIEWS}")
         if len(set(views)) < 2:
-            raise ValueError(f"CPT needs at least two distinct views to have positives; got {list(views)}")
+            raise ConfigError(f"CPT needs at least two distinct views to have positives; got {list(views)}")
         self.views = list(dict.fromkeys(views))
         self.temperature = temperature
         self.template = template
@@ -92,17 +94,18 @@ class ContrastivePromptTask(nn.Module):
         self.refresh_class_set(model)
 
     @torch.no_grad()
-    def refresh_class_set(self, model: PromptedCLIP, chunk: int = 256) -> None:
+    def refresh_class_set(self, model: PromptedCLIP) -> None:
         """Encode the fixed hand-crafted view of the learner's current class names, once."""
         learner = model.prompt_learner
         if HANDCRAFTED not in self.views or getattr(self, "_encoded_for", None) == learner.classnames:
             return  # nothing to encode, or already encoded for these class names
         texts = [self.template.format(name) for name in learner.classnames]
-        feats = []
-        for i in range(0, len(texts), chunk):
-            tokens = tokenize(texts[i:i + chunk], learner.context_length).to(learner.token_prefix.device)
-            feats.append(model.text_encoder(learner.embed_tokens(tokens).to(tokens.device), tokens))
-        self.handcrafted_features = torch.cat(feats).float()  # (n_cls, D), not normalised
+
+        def encode(chunk: list[str]) -> torch.Tensor:
+            tokens = tokenize(chunk, learner.context_length).to(learner.token_prefix.device)
+            return model.text_encoder(learner.embed_tokens(tokens).to(tokens.device), tokens)
+
+        self.handcrafted_features = encode_in_chunks(encode, texts).float()  # (n_cls, D), not normalised
         self._encoded_for = list(learner.classnames)
 
     def features(self, model: PromptedCLIP, indices: torch.Tensor,

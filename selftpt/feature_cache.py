@@ -11,6 +11,11 @@ everything the features depend on:
 
 - the image encoder's weights (a digest of its parameters and buffers, dtype included), the
   precision mode and the device type (fp16/amp/CUDA kernels change the numbers);
+- the deep prompts installed on the encoder (``selftpt.deep_prompts``: layers and token values),
+  when there are any. A trainer whose prompts are made at every forward hands the cache a module
+  holding them (``PromptedImageEncoder``), whose digest covers them; prompts applied while a
+  split is encoded that neither covers make the cache refuse the entry, and an encoder with
+  other forward hooks (of unknown effect) is evaluated without the cache;
 - the dataset name, ``SUBSAMPLE_CLASSES``, the split, and the split's ordered list of
   ``(image path, label, file size, mtime)`` (a changed or re-generated image file misses);
 - the test transform's ``repr`` (resize, crop, interpolation, normalisation);
@@ -36,6 +41,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from selftpt.deep_prompts import foreign_forward_hooks, installed_deep_prompts, recording_prompt_use
 from selftpt.fsmode import chmod_file
 
 # What ``encode_images`` returns: L2-normalised CLIP image-encoder outputs, in the model dtype.
@@ -52,6 +58,26 @@ def _tensor_signature(module: nn.Module) -> tuple:
                  for name, t in module.state_dict(keep_vars=True).items())
 
 
+def _hash_tensor(h: "hashlib._Hash", name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().to("cpu").contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+
+
+def deep_prompts_digest(module: nn.Module) -> str | None:
+    """sha256 of the deep prompts installed on ``module`` or inside it (where, which layers,
+    token values); None when none are, so the keys of unprompted encoders do not change."""
+    installed = [(name, handle) for name, handle in installed_deep_prompts(module) if handle.prompts.n_tokens]
+    if not installed:
+        return None
+    h = hashlib.sha256()
+    for name, handle in installed:
+        for layer, tokens in handle.prompts.layers.items():
+            _hash_tensor(h, f"{name}|{layer}", tokens)
+    return h.hexdigest()
+
+
 def module_digest(module: nn.Module) -> str:
     """sha256 of a module's parameters and buffers (names, dtypes, shapes and values).
 
@@ -64,10 +90,7 @@ def module_digest(module: nn.Module) -> str:
         return known[1]
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+        _hash_tensor(h, name, tensor)
     digest = h.hexdigest()
     _DIGESTS[module] = (signature, digest)
     return digest
@@ -97,7 +120,7 @@ def feature_cache_key(encoder: nn.Module, precision: str, device: torch.device |
         data_source: the split's ``Datum`` list, in loader order.
         transform: the split's test transform (its ``repr`` is part of the key).
     """
-    return {
+    key = {
         "features_version": FEATURES_VERSION,
         "encoder_sha256": module_digest(encoder),
         "precision": precision,
@@ -109,6 +132,10 @@ def feature_cache_key(encoder: nn.Module, precision: str, device: torch.device |
         "images_sha256": _images_digest(data_source),
         "transform": repr(transform),
     }
+    prompts = deep_prompts_digest(encoder)
+    if prompts is not None:
+        key["deep_prompts_sha256"] = prompts
+    return key
 
 
 def _payload_checksum(features: torch.Tensor, labels: torch.Tensor) -> str:
@@ -201,14 +228,18 @@ def cached_eval_logits(trainer: Any, split: str, data_loader: Any,
     """
     dataset = getattr(data_loader, "dataset", None)
     data_source = getattr(dataset, "data_source", None)
-    if data_source is None or not hasattr(dataset, "transform"):
-        print("TEST.FEATURE_CACHE: this data loader does not expose its images; evaluating without the cache")
+    encoder = trainer.image_encoder_for_cache()
+    hooked = foreign_forward_hooks(encoder)
+    if data_source is None or not hasattr(dataset, "transform") or hooked:
+        why = (f"the image encoder has forward hooks of unknown effect ({', '.join(hooked)})" if hooked
+               else "this data loader does not expose its images")
+        print(f"TEST.FEATURE_CACHE: {why}; evaluating without the cache")
         for batch in data_loader:
             images, labels = trainer.parse_batch_test(batch)
             yield trainer.model_inference(images), labels
         return
     cfg = trainer.cfg
-    key = feature_cache_key(trainer.image_encoder_for_cache(), trainer.precision, trainer.device,
+    key = feature_cache_key(encoder, trainer.precision, trainer.device,
                             cfg.DATASET.NAME, cfg.DATASET.get("SUBSAMPLE_CLASSES", "all"), split,
                             list(data_source), dataset.transform)
     if re.search(r" at 0x[0-9a-fA-F]+", key["transform"]):
@@ -227,12 +258,21 @@ def cached_eval_logits(trainer: Any, split: str, data_loader: Any,
         return
     print(f"Image features of the {split} split not cached yet: encoding it once into {cache.path_for(key)}")
     all_features, all_labels = [], []
-    for batch in data_loader:
-        images, labels = trainer.parse_batch_test(batch)
-        features = trainer.encode_images(images)
-        all_features.append(features.detach().cpu())
-        all_labels.append(labels.detach().cpu())
-        yield trainer.logits_from_features(features), labels
+    keyed = [handle for _, handle in installed_deep_prompts(encoder)]
+    with recording_prompt_use(encoder) as prompted_by:
+        for batch in data_loader:
+            images, labels = trainer.parse_batch_test(batch)
+            features = trainer.encode_images(images)
+            all_features.append(features.detach().cpu())
+            all_labels.append(labels.detach().cpu())
+            yield trainer.logits_from_features(features), labels
+    inside = set(encoder.modules())
+    unkeyed = [h for h in prompted_by if h not in keyed and h.source not in inside]
+    if unkeyed:  # a trainer bug: another run with other prompts would be served these features
+        raise RuntimeError(
+            f"{type(trainer).__name__}: deep prompts changed the image features but are not part of the "
+            "feature-cache key; image_encoder_for_cache() must return a module holding them "
+            "(selftpt.deep_prompts.PromptedImageEncoder), or they must be installed before test()")
     n_encoded = sum(len(f) for f in all_features)
     if n_encoded != key["num_images"]:  # e.g. unreadable images skipped (DATASET.SKIP_CORRUPT_IMAGES)
         print(f"Image features not cached: {n_encoded} of the {key['num_images']} images of the split were encoded")

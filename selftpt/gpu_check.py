@@ -36,6 +36,7 @@ from selftpt import launch
 from selftpt.efficiency import SYNTHETIC_DATASET, PeakMemory, write_synthetic_dataset
 from selftpt.clip_loader import CLIP_ARCHS, build_random_clip, save_state_dict
 from selftpt.toolbox import build_trainer, set_random_seed
+from selftpt.trainer_facts import reference_configs
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("method", "precision", "classes", "build s", "train s/step", "one-time s", "ms/image", "peak MB",
@@ -59,15 +60,10 @@ class Check:
     opts: tuple[str, ...] = ()
 
 
-CHECKS = (
-    Check("ZeroshotCLIP", "ZeroshotCLIP", "vit_b16"),
-    Check("ZeroshotCLIP2", "ZeroshotCLIP2", "vit_b16"),
-    Check("CoOp", "CoOp", "vit_b16_ctxv1"),
-    Check("CoCoOp", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1"),
-    Check("TPT", "TPT", "vit_b16"),
-    Check("SelfTPT", "SelfTPT", "vit_b16_c4_ep10"),
-    Check("SelfTPT-v", "SelfTPT", "vit_b16_c4_ep10_v"),
-)
+def checks() -> list[Check]:
+    """One check per reference config of the registered trainers (``REFERENCE_CONFIGS``), in
+    table order; the command line registers the trainers first."""
+    return [Check(label, trainer, stem, opts) for label, (trainer, stem, opts) in reference_configs().items()]
 
 
 def _config(check: Check, args: argparse.Namespace, root: Path, weights: Path, out: Path) -> Any:
@@ -127,7 +123,7 @@ def run_check(check: Check, args: argparse.Namespace, root: Path, weights: Path,
     with torch.no_grad():
         if not _finite(trainer.model_inference(images)):
             problems.append("non-finite logits")
-    tta = getattr(trainer, "result_extra", {}).get("tta")
+    tta = trainer.result_extra.get("tta")
     if tta is not None:
         if tta["classes_covered"] != trainer.num_classes:
             problems.append(f"stage 2 covered {tta['classes_covered']} of {trainer.num_classes} classes")
@@ -154,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-steps", type=int, default=2, help="Self-TPT stage-2 passes over all classes [2]")
     p.add_argument("--precision", default="auto", choices=("auto", "fp16", "fp32", "amp"),
                    help="PREC for every trainer [auto: each config's, i.e. the paper path]")
-    p.add_argument("--methods", nargs="+", choices=[c.label for c in CHECKS], help="[all]")
+    p.add_argument("--methods", nargs="+", choices=[c.label for c in checks()], help="[all]")
     return p
 
 
@@ -163,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; run on a GPU machine, or rehearse with --device cpu")
         return 2
-    checks = [c for c in CHECKS if not args.methods or c.label in args.methods]
+    selected = [c for c in checks() if not args.methods or c.label in args.methods]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"GPU check: {args.arch} (random weights), {args.classes} classes, {args.images} test images, "
           f"{args.steps} training steps, on {device_name}, torch {torch.__version__}", flush=True)
@@ -174,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = write_synthetic_dataset(tmp_path / "data", args.classes, args.images, resolution)
         weights = tmp_path / "weights.pt"
         save_state_dict(build_random_clip(args.arch, seed=0), weights)
-        for check in checks:
+        for check in selected:
             try:
                 row = run_check(check, args, root, weights, tmp_path / check.label)
             except Exception as exc:  # noqa: BLE001 - one failed trainer must not hide the others

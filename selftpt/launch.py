@@ -4,7 +4,7 @@ Precedence, as in CoOp: Dassl defaults < project keys (``extend_cfg``) < dataset
 method file < command-line flags < trailing ``KEY VALUE`` opts. Differences that fix
 known traps: ``--seed 0`` is honoured; a finished output directory is never overwritten;
 a resumed run's old log is rotated so that ``log.txt`` is always the newest; a trainer that
-trains nothing (ZeroshotCLIP) evaluates directly; user errors are one line, no traceback.
+trains nothing (``TRAINS = False``) evaluates directly; user errors are one line, no traceback.
 
 Exit codes of :func:`main`: 0 done; 2 a problem the message explains (``error: ...``, one line:
 bad flags or config, a malformed YAML file, an output path under a file, a full disk, a
@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from selftpt.cli import EXIT_USER_ERROR, user_errors  # noqa: F401  (EXIT_USER_ERROR: main's code, re-exported)
 from selftpt.clip_loader import available_backbones
 from selftpt.config import extend_cfg, validate_cfg
 from selftpt.engine.checkpoint import DamagedCheckpointError
@@ -42,9 +43,9 @@ from selftpt.toolbox import (
     set_random_seed,
     setup_logger,
 )
+from selftpt.trainer_facts import registered_trainers
 
 
-EXIT_USER_ERROR = 2
 # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C (and what the sweeps use)
 EXIT_INTERRUPTED = 130
 INTERRUPTED_MESSAGE = ("interrupted (no results written); rerun the same command to resume: training "
@@ -199,9 +200,8 @@ def check_eval_only(args: argparse.Namespace, cfg: Any) -> None:
     Training-free trainers (``TRAINS = False``) evaluate without trained weights."""
     if not args.eval_only or args.model_dir:
         return
-    if getattr(TRAINER_REGISTRY.get(cfg.TRAINER.NAME), "TRAINS", True):
-        free = sorted(n for n in TRAINER_REGISTRY.registered_names()
-                      if not getattr(TRAINER_REGISTRY.get(n), "TRAINS", True))
+    if TRAINER_REGISTRY.get(cfg.TRAINER.NAME).TRAINS:
+        free = [name for name, cls in registered_trainers().items() if not cls.TRAINS]
         raise UserError(
             f"--eval-only needs --model-dir for {cfg.TRAINER.NAME}: give the output directory of its "
             f"training run (and --load-epoch <its MAX_EPOCH>); without one it would evaluate untrained "
@@ -380,7 +380,7 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
     record = make_record(cfg, result["metrics"], result["num_images"],
                          extra={"split_evaluated": result["split"], "timing": result.get("timing", {}),
                                 "skipped_images": result.get("skipped_images", []),
-                                **getattr(trainer, "result_extra", {})},
+                                **trainer.result_extra},
                          model=trainer.model_record())
     try:
         path = write_results(cfg.OUTPUT_DIR, record)
@@ -394,6 +394,7 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
     return record
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """``train.py``: run, and turn what the user must fix into one line and an exit code.
 
@@ -405,9 +406,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except UserError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         if type(exc) is not KeyboardInterrupt:
             # a subclass is a caller's own stop signal (the sweep worker's _Stopped, raised by

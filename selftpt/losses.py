@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from selftpt.errors import ConfigError
+
 
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
                                 temperature: float = 0.07) -> torch.Tensor:
@@ -55,7 +57,7 @@ class GradientEMA:
 
     def __init__(self, decay: float = 0.9) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"GM_EMA decay must be in [0, 1), got {decay}")
+            raise ConfigError(f"GM_EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.value: torch.Tensor | None = None
 
@@ -92,7 +94,7 @@ def ensemble_views(logits: torch.Tensor, mode: str = "mean", fraction: float = 0
             the lowest-entropy ``fraction`` of views (TPT's selection).
     """
     if mode not in ("mean", "confident"):
-        raise ValueError(f"VIEW_AGGREGATION must be 'mean' or 'confident', got {mode!r}")
+        raise ConfigError(f"VIEW_AGGREGATION must be 'mean' or 'confident', got {mode!r}")
     probs = logits.float().softmax(dim=-1)  # (B, V, C)
     if mode == "confident":
         probs = torch.stack([p[select_confident(l, fraction)] for p, l in zip(probs, logits)])

@@ -45,7 +45,7 @@ class PromptLearner(nn.Module):
                  config_node: str = "") -> None:
         super().__init__()
         if class_token_position not in POSITIONS:
-            raise ValueError(f"CLASS_TOKEN_POSITION must be one of {POSITIONS}, got {class_token_position!r}")
+            raise ConfigError(f"CLASS_TOKEN_POSITION must be one of {POSITIONS}, got {class_token_position!r}")
         self.config_node = config_node
         self.dtype = clip_model.dtype
         self.context_length = int(clip_model.positional_embedding.shape[0])
@@ -90,7 +90,7 @@ class PromptLearner(nn.Module):
         if len(classnames) == 0:
             raise ValueError("The class list is empty; a prompt needs at least one class name")
         if self.csc and self.ctx.shape[0] != len(classnames):
-            raise ValueError(
+            raise ConfigError(
                 f"Class-specific context was learnt for {self.ctx.shape[0]} classes and cannot be "
                 f"applied to {len(classnames)} other classes; use CSC False to transfer prompts"
             )
@@ -133,7 +133,7 @@ class PromptLearner(nn.Module):
         """
         position = position or self.class_token_position
         if position not in POSITIONS:
-            raise ValueError(f"Unknown class token position {position!r}; use one of {POSITIONS}")
+            raise ConfigError(f"Unknown class token position {position!r}; use one of {POSITIONS}")
         ctx = (self.ctx if ctx is None else ctx).type(self.dtype)
         if indices is None:
             indices = torch.arange(self.n_cls, device=self.token_prefix.device)

@@ -19,8 +19,11 @@ uses the config of the run that trained its prompts.
 
 Runs of one (dataset, seed) chain execute in order; chains run in parallel in ``--jobs`` worker
 processes (each pinned to one of ``CUDA_VISIBLE_DEVICES`` when GPUs exist, else to its share of
-the CPU cores), and each worker runs its runs in-process, importing torch and CLIP once. Before
-anything runs, the launcher plans every run (:func:`plan_sweep`):
+the CPU cores), and each worker runs its runs in-process, importing torch and CLIP once. The
+trainers and datasets are registered by the modules the command line names (``--register``;
+scripts/common.sh: ``datasets`` and ``trainers``), imported by the launcher and by every worker:
+the library imports neither. Before anything runs, the launcher plans every run
+(:func:`plan_sweep`):
 
 - no ``results.json``: run it; a folder without one is resumed by train.py from its checkpoints;
 - ``results.json`` made with the requested settings (the config train.py builds for the run,
@@ -46,6 +49,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import importlib
 import io
 import json
 import multiprocessing
@@ -61,35 +65,37 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from selftpt import dataset_catalog, protocols
+from selftpt.cli import user_errors
+from selftpt.errors import UserError
 from selftpt.results import (RESULTS_FILENAME, ResultsFileError, TornResultsError, config_differences,
                              config_digest, read_results)
+from selftpt.trainer_facts import registered_trainers, trainer_class
 
 REPO = Path(__file__).resolve().parents[1]
-PROTOCOLS = ("base2new", "xd", "dg", "fewshot")
-TRAINING_FREE = ("ZeroshotCLIP", "ZeroshotCLIP2", "TPT")  # evaluated directly, nothing to train
-DETERMINISTIC = ("ZeroshotCLIP", "ZeroshotCLIP2")  # the same result for every seed: run once, unseeded
+PROTOCOLS = tuple(protocols.PROTOCOLS)  # selftpt.protocols: datasets, shots and chains of each
 
-# The paper's datasets (CoOp config stems): (source, targets) per protocol.
-PAPER_ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-PAPER_DEFAULTS = {
-    "base2new": ("", PAPER_ELEVEN),
-    "fewshot": ("", PAPER_ELEVEN),
-    "xd": ("imagenet", PAPER_ELEVEN[1:]),
-    "dg": ("imagenet", ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")),
-}
-# Protocol names of selftpt.benchmark.protocols for ours; few-shot uses base-to-new's datasets.
-BENCHMARK_NAMES = {"base2new": "base2new", "fewshot": "base2new", "xd": "cross_dataset",
-                   "dg": "domain_generalization"}
+
+def planned_trainer(name: str) -> type:
+    """The registered trainer ``name``, whose ``TRAINS`` (train, or evaluate directly) and
+    ``DETERMINISTIC`` (run once, unseeded) plan its runs. The command line registers them (its
+    ``--register`` modules); PlanError when ``name`` is not a registered trainer."""
+    cls = trainer_class(name)
+    if cls is None:
+        registered = ", ".join(registered_trainers()) or (
+            "none; pass the modules that register the trainers and datasets, e.g. --register trainers "
+            "--register datasets, as scripts/ do")
+        raise PlanError(f"unknown trainer {name!r} (registered: {registered})")
+    return cls
 
 
 PLANS_FILE = REPO / "configs" / "plans.yaml"
 _PLAN_KEYS = ("default", "datasets", "shots")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A config or plan that does not resolve; the message is one line for the user."""
 
 
@@ -181,14 +187,27 @@ def resolve_plan(trainer: str, name: str, protocol: str, plans_file: Path = PLAN
     return plan
 
 
+def protocol_defaults(protocol: str, data: str) -> protocols.Defaults:
+    """A protocol's defaults: the paper's datasets with a ``$DATA`` root, else the benchmark's."""
+    return protocols.get_protocol(protocol).defaults(dataset_catalog.PAPER if data else dataset_catalog.BENCHMARK)
+
+
 def default_datasets(protocol: str, data: str) -> tuple[str, list[str]]:
-    """(source, targets) config stems: the paper's with a ``$DATA`` root, else the benchmark's."""
-    if data:
-        source, targets = PAPER_DEFAULTS[protocol]
-        return source, list(targets)
-    from selftpt.benchmark.protocols import CONFIG_STEMS, PROTOCOLS as BENCH
-    bench = BENCH[BENCHMARK_NAMES[protocol]]
-    return (CONFIG_STEMS[bench.source] if bench.source else ""), [CONFIG_STEMS[d] for d in bench.targets]
+    """(source, targets) config stems of :func:`protocol_defaults`."""
+    defaults = protocol_defaults(protocol, data)
+    return defaults.source, list(defaults.targets)
+
+
+def current_stems(stems: list[str]) -> list[str]:
+    """``stems`` with renamed dataset config stems replaced by their current names, one note each."""
+    current = []
+    for stem in stems:
+        new = dataset_catalog.renamed_stem(stem)
+        if new:
+            print(f"note: dataset config {stem} is now {new} (configs/datasets/{new}.yaml); "
+                  f"runs go under {new}/", file=sys.stderr)
+        current.append(new or stem)
+    return current
 
 
 @dataclass
@@ -234,16 +253,18 @@ class Sweep:
 
     def __post_init__(self) -> None:
         """Resolve the configs (PlanError when a name does not resolve) before any run is built."""
-        if self.prompts_from and (self.trains or self.prompts_from.count("/") != 1):
-            raise SystemExit(f"error: --prompts-from {self.prompts_from!r} needs the form <Trainer>/<cfg> "
-                             f"and a training-free trainer ({', '.join(TRAINING_FREE)}), not {self.trainer}")
+        trains = planned_trainer(self.trainer).TRAINS  # PlanError for an unknown trainer, before any work
+        if self.prompts_from and (trains or self.prompts_from.count("/") != 1):
+            free = ", ".join(name for name, cls in registered_trainers().items() if not cls.TRAINS)
+            raise PlanError(f"--prompts-from {self.prompts_from!r} needs the form <Trainer>/<cfg> "
+                            f"and a training-free trainer ({free}), not {self.trainer}")
         self.plan = resolve_plan(self.trainer, self.cfg, self.protocol)
         if self.prompts_from:
             self.prompt_plan = resolve_plan(*self.prompts_from.split("/"), self.protocol)
 
     @property
     def trains(self) -> bool:
-        return self.trainer not in TRAINING_FREE
+        return planned_trainer(self.trainer).TRAINS
 
     def run_cfg(self, trained_on: str, shots: int) -> str:
         """The cfg folder of a run whose chain trains on ``trained_on``: the config it uses
@@ -281,55 +302,15 @@ class Sweep:
     def chains(self) -> list[list[Run]]:
         """Lists of runs; each list runs in order, lists run in parallel."""
         chains = []
-        for seed in ([-1] if self.trainer in DETERMINISTIC else self.seeds):
+        for seed in ([-1] if planned_trainer(self.trainer).DETERMINISTIC else self.seeds):
             for shots in self.shots:
-                chains += self._chains_for(seed, shots)
+                chains += protocols.get_protocol(self.protocol).chains(self, seed, shots)
         return chains
 
-    def _chains_for(self, seed: int, shots: int) -> list[list[Run]]:
-        fewshot = ["DATASET.NUM_SHOTS", str(shots)]
-        if self.protocol == "fewshot":
-            return [[self._run("", d, d, shots, seed, fewshot, eval_only=not self.trains,
-                               model_dir=self.prompt_source("", d, shots, seed))]
-                    for d in self.datasets]
-        if self.protocol == "base2new" and not self.source:
-            chains = []
-            for d in self.datasets:
-                base = ["DATASET.SUBSAMPLE_CLASSES", "base"]
-                new = ["DATASET.SUBSAMPLE_CLASSES", "new"]
-                if self.trains:
-                    train = self._run("train_base", d, d, shots, seed, fewshot + base)
-                    test = self._run("test_new", d, d, shots, seed, fewshot + new, eval_only=True,
-                                     model_dir=train.output_dir)
-                    chains.append([train, test])
-                else:
-                    prompts = self.prompt_source("train_base", d, shots, seed)
-                    chains.append([self._run(f"test_{sub}", d, d, shots, seed,
-                                             fewshot + ["DATASET.SUBSAMPLE_CLASSES", sub], eval_only=True,
-                                             model_dir=prompts)
-                                   for sub in ("base", "new")])
-            return chains
-        # one source training, then eval-only on each target (xd, dg, base2new with --source)
-        if not self.source:
-            raise SystemExit(f"error: protocol {self.protocol} needs a source dataset (--source / SOURCE)")
-        chain: list[Run] = []
-        model_dir = self.prompt_source("train", self.source, shots, seed)
-        if self.trains:
-            train = self._run("train", self.source, self.source, shots, seed, fewshot)
-            chain.append(train)
-            model_dir = train.output_dir
-        subsets = ("base", "new") if self.protocol == "base2new" else ("all",)
-        for d in self.datasets:
-            for sub in subsets:
-                where = "test" if sub == "all" else f"test_{sub}"
-                chain.append(self._run(where, d, self.source, shots, seed, ["DATASET.SUBSAMPLE_CLASSES", sub],
-                                       eval_only=True, model_dir=model_dir))
-        return [chain]
-
-    def _run(self, part: str, dataset: str, trained_on: str, shots: int, seed: int, opts: list[str],
-             eval_only: bool = False, model_dir: Path | None = None) -> Run:
+    def make_run(self, part: str, dataset: str, trained_on: str, shots: int, seed: int, opts: list[str],
+                 eval_only: bool = False, model_dir: Path | None = None) -> Run:
         """A run on ``dataset`` under ``OUT/<protocol>/<part>`` with the config of its chain's
-        training dataset ``trained_on``."""
+        training dataset ``trained_on`` (the protocols build their chains of these)."""
         folder = self.folder(*([part] if part else []), dataset=dataset, shots=shots, seed=seed,
                              cfg=self.run_cfg(trained_on, shots))
         if self.method_name:  # a user's own TRAINER.METHOD_NAME in extra_opts comes later and wins
@@ -633,8 +614,11 @@ def _send(conn: Connection, *message: Any) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _worker(conn: Connection, device: str | None, threads: int, sweep_pid: int) -> None:
+def _worker(conn: Connection, device: str | None, threads: int, sweep_pid: int, modules: Sequence[str] = ()) -> None:
     """A worker process: run the chains the launcher sends, one at a time, until it sends None.
+
+    ``modules`` register the trainers and datasets (the command line's ``--register``); they are
+    found on the launcher's import path, which a "spawn" child inherits.
 
     It ignores Ctrl-C (the launcher decides when workers stop, and a terminal's Ctrl-C reaches
     the whole process group); the launcher stops it with SIGTERM. Messages: ``ready``,
@@ -646,10 +630,8 @@ def _worker(conn: Connection, device: str | None, threads: int, sweep_pid: int) 
     try:
         if device is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = device  # before anything starts CUDA
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        import datasets  # noqa: F401  (registers the datasets, as train.py does)
-        import trainers  # noqa: F401  (registers the trainers)
+        for module in modules:
+            importlib.import_module(module)
         if threads > 0:
             import torch
             torch.set_num_threads(threads)
@@ -778,8 +760,9 @@ class _Launcher:
     ``ProcessPoolExecutor``, where one dead worker breaks the pool for every chain and Ctrl-C
     lets the workers go on through the queue); prints one line per run as it ends."""
 
-    def __init__(self, sweep: Sweep, plan: list[list[Step]], jobs: int, devices: list[str], resume: str) -> None:
-        self.sweep, self.plan, self.resume = sweep, plan, resume
+    def __init__(self, sweep: Sweep, plan: list[list[Step]], jobs: int, devices: list[str], resume: str,
+                 modules: Sequence[str] = ()) -> None:
+        self.sweep, self.plan, self.resume, self.modules = sweep, plan, resume, tuple(modules)
         self.total = sum(len(chain) for chain in plan)
         # chains with work; skipped runs are reported here and never reach a worker
         self.work = [(c, [(i, s) for i, s in enumerate(chain) if s.action != "skip"]) for c, chain in enumerate(plan)]
@@ -831,8 +814,8 @@ class _Launcher:
 
     def _start(self, slot: _Slot) -> None:
         parent, child = self.context.Pipe()
-        slot.process = self.context.Process(target=_worker, args=(child, slot.device, self.threads, os.getpid()),
-                                            name="sweep-worker")
+        slot.process = self.context.Process(target=_worker, name="sweep-worker",
+                                            args=(child, slot.device, self.threads, os.getpid(), self.modules))
         # Started with SIGINT blocked, so a Ctrl-C while it boots does not print a traceback
         # from it; the worker ignores SIGINT from then on (see _worker).
         # The slot is filled in before SIGINT is let through, so that _stop finds it whole.
@@ -978,9 +961,11 @@ class _Launcher:
         return EXIT_FAILED if failed or not (changed or held) else EXIT_CHANGED if changed else EXIT_HELD
 
 
-def execute(sweep: Sweep, jobs: int = 0, plan: list[list[Step]] | None = None, resume: str = "") -> int:
+def execute(sweep: Sweep, jobs: int = 0, plan: list[list[Step]] | None = None, resume: str = "",
+            modules: Sequence[str] = ()) -> int:
     """Run a planned sweep (default: planned now, stopping at changed runs) in ``jobs`` worker
-    processes; print one line per run; return the exit code.
+    processes, each importing ``modules`` (those that register trainers and datasets) first;
+    print one line per run; return the exit code.
 
     On GPUs each worker owns one device (round-robin over the visible ones); on CPU each gets
     an equal share of the cores as torch threads (small models scale better over processes
@@ -991,7 +976,7 @@ def execute(sweep: Sweep, jobs: int = 0, plan: list[list[Step]] | None = None, r
     devices = visible_devices() if any(step.action != "skip" for chain in plan for step in chain) else []
     if jobs <= 0:  # auto: one worker per GPU, else one per CPU core
         jobs = len(devices) or os.cpu_count() or 1
-    launcher = _Launcher(sweep, plan, jobs, devices, resume or "the same command")
+    launcher = _Launcher(sweep, plan, jobs, devices, resume or "the same command", modules)
     stems = sorted({step.run.cfg for chain in plan for step in chain})
     cfg = sweep.cfg if stems == [sweep.cfg] else f"{sweep.cfg} (configs {', '.join(stems)})"
     print(f"{sweep.protocol}: {sweep.trainer}/{cfg}, {launcher.total} runs in {len(plan)} chains, "
@@ -1032,6 +1017,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", default="",
                    help="the command line that started this sweep (scripts/common.sh passes its own): printed "
                         "as the way to resume, and with CHANGED=rerun|replace in front as the way to choose")
+    p.add_argument("--register", action="append", default=[], metavar="MODULE",
+                   help="a module that registers trainers or datasets, imported here and by every worker "
+                        "before any run (repeat it; scripts/common.sh passes --register datasets --register "
+                        "trainers); the library imports none by itself")
     p.epilog = "Extra KEY VALUE config options for train.py go after a '--'."
     return p
 
@@ -1052,16 +1041,37 @@ def _terminate(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def main(argv: list[str] | None = None) -> int:
+def import_modules(modules: Sequence[str]) -> None:
+    """Import the modules that register trainers and datasets (``--register``); one line naming
+    the module when one cannot be imported."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UserError(f"--register {module}: cannot import it ({exc}); run the sweep from the folder "
+                            "that holds it (the repository root)") from None
+
+
+@user_errors
+def main(argv: list[str] | None = None, modules: Sequence[str] = ()) -> int:
+    """The sweep's command line: 0 when every run finished, else EXIT_FAILED, EXIT_USAGE (one
+    ``error:`` line), EXIT_CHANGED, EXIT_HELD or EXIT_INTERRUPTED.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+        modules: modules that register trainers and datasets, besides ``--register`` ones.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.opts = opts
+    modules = list(dict.fromkeys([*modules, *args.register]))
+    import_modules(modules)
     resume, choose = _commands(args, argv)
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # stop as on Ctrl-C
     try:
-        return _main(args, resume, choose)
+        return _main(args, resume, choose, modules)
     except KeyboardInterrupt as exc:  # before any run started (planning); execute handles its own
         print(f"{'terminated' if isinstance(exc, _Terminated) else 'interrupted'} before any run started; "
               f"rerun: {resume}", file=sys.stderr)
@@ -1071,41 +1081,30 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, old_term)
 
 
-def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str]) -> int:
-    source, targets = default_datasets(args.protocol, args.data)
-    args.source = source if args.source is None else args.source
-    args.datasets = args.datasets or targets
-    args.shots = args.shots or ([1, 2, 4, 8, 16] if args.protocol == "fewshot" else [16])
+def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str], modules: Sequence[str]) -> int:
+    defaults = protocol_defaults(args.protocol, args.data)
+    args.source = defaults.source if args.source is None else current_stems([args.source])[0]
+    args.datasets = current_stems(args.datasets) if args.datasets else list(defaults.targets)
+    args.shots = args.shots or list(defaults.shots)
     for stem in [*args.datasets, *([args.source] if args.source else [])]:
         if not (REPO / "configs" / "datasets" / f"{stem}.yaml").is_file():
             known = sorted(p.stem for p in (REPO / "configs" / "datasets").glob("*.yaml"))
-            print(f"error: no dataset config configs/datasets/{stem}.yaml (known: {', '.join(known)})", file=sys.stderr)
-            return EXIT_USAGE
+            raise PlanError(f"no dataset config configs/datasets/{stem}.yaml (known: {', '.join(known)})")
     # Paths are the caller's: relative ones resolve against this process's directory, never the
     # workers' (scripts/common.sh resolves them against the user's before it changes directory).
     data = str(Path(args.data).expanduser().resolve()) if args.data else ""
-    try:
-        sweep = Sweep(args.protocol, args.trainer, args.cfg, data, args.datasets, args.seeds, args.shots,
-                      Path(args.output).expanduser().resolve(), args.source, args.backbone, list(args.opts or []),
-                      args.prompts_from)
-    except PlanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    sweep = Sweep(args.protocol, args.trainer, args.cfg, data, args.datasets, args.seeds, args.shots,
+                  Path(args.output).expanduser().resolve(), args.source, args.backbone, list(args.opts or []),
+                  args.prompts_from)
     print(f"output: {sweep.output}", flush=True)
     missing = sweep.missing_prompt_sources()
     if missing:
         trainer = args.prompts_from.split("/")[0]
-        print(f"error: {len(missing)} {args.prompts_from} run(s) that --prompts-from needs have not finished, "
-              f"e.g. {missing[0]}; run that method's {args.protocol} sweep with the same output, seeds and "
-              f"shots first (e.g. CFG={args.prompts_from.split('/')[1]} bash scripts/{trainer.lower()}/"
-              f"{args.protocol}.sh)", file=sys.stderr)
-        return EXIT_USAGE
-    from selftpt.errors import UserError
-    try:
-        plan = plan_sweep(sweep, args.on_change)
-    except UserError as err:  # the requested config does not build (e.g. an unknown KEY)
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UserError(f"{len(missing)} {args.prompts_from} run(s) that --prompts-from needs have not finished, "
+                        f"e.g. {missing[0]}; run that method's {args.protocol} sweep with the same output, seeds "
+                        f"and shots first (e.g. CFG={args.prompts_from.split('/')[1]} bash "
+                        f"scripts/{trainer.lower()}/{args.protocol}.sh)")
+    plan = plan_sweep(sweep, args.on_change)  # UserError when a requested config does not build
     changed = [step for chain in plan for step in chain if step.action == "changed"]
     if changed:
         for step in changed:
@@ -1116,7 +1115,7 @@ def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str]) -
         print(f"  or move the old ones aside (.<folder>.replaced-<time>, out of the tables) and run them again "
               f"in place: {choose('replace')}", file=sys.stderr)
         return EXIT_CHANGED
-    return execute(sweep, args.jobs, plan, resume)
+    return execute(sweep, args.jobs, plan, resume, modules)
 
 
 if __name__ == "__main__":

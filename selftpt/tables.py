@@ -26,15 +26,15 @@ from typing import Callable, Mapping, Sequence
 from tabulate import tabulate
 
 from selftpt.collect import DATASET_ORDER, GroupKey, Run, canonical_dataset
+from selftpt.protocols import PROTOCOLS
 from selftpt.published import ACCURACY_KIND, BASE2NEW_KINDS, CellQuery, Entry, Reference, squash_backbone
+from selftpt.trainer_facts import table_rank
 
 DEFAULT_SEEDS: tuple[int, ...] = (1, 2, 3)
 FORMATS = ("terminal", "markdown", "csv", "latex")
 MISSING = "—"
 
-_PROTOCOL_ORDER = ("base2new", "xd", "dg", "fewshot", "")
-_METHOD_ORDER = ("ZeroshotCLIP", "ZeroshotCLIP2", "ZeroshotCLIP2-80", "CoOp", "CoCoOp", "TPT", "SelfTPT",
-                 "SelfTPT-v")
+_PROTOCOL_ORDER = (*PROTOCOLS, "")  # the registry's order; runs of no known protocol last
 
 
 # --------------------------------------------------------------------------- statistics
@@ -142,9 +142,16 @@ class Table:
     refs: list[CellRef] = field(default_factory=list)  # measured cells (for --reference)
 
 
-def _method_rank(method: str) -> tuple:
-    base = method.split("+")[0]
-    return (_METHOD_ORDER.index(base) if base in _METHOD_ORDER else len(_METHOD_ORDER), method)
+def method_ranker(runs: Sequence[Run]) -> Callable[[str], tuple]:
+    """Sort key of a row by its display name: each row follows the trainer that produced its
+    runs, in the registered trainers' ``TABLE_ORDER`` (``selftpt.trainer_facts.table_rank``);
+    rows of unregistered trainers (or all rows, when nothing is registered) come after,
+    alphabetically."""
+    trainer_of: dict[str, str] = {}
+    for run in runs:
+        if run.trainer:
+            trainer_of.setdefault(run.method, run.trainer)
+    return lambda method: table_rank(method, trainer_of.get(method, ""))
 
 
 def _dataset_rank(name: str) -> tuple:
@@ -358,7 +365,7 @@ def build_tables(
         runs = [r for r in runs if r.method in methods]
         rank = lambda m: (list(methods).index(m), m)  # noqa: E731  (requested order)
     else:
-        rank = _method_rank
+        rank = method_ranker(runs)
     notes += _consistency_notes(runs, seeds)
     tables: list[Table] = []
     parts: dict[tuple[str, str, bool], list[Run]] = defaultdict(list)
@@ -400,7 +407,7 @@ def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0,
         return None
     epochs = max(len(c) for cs in curves.values() for c in cs)
     table = Table("Gradient alignment", "", ["Method", "runs"] + [f"ep {e + 1}" for e in range(epochs)], [])
-    for method in sorted(curves, key=_method_rank):
+    for method in sorted(curves, key=method_ranker(runs)):
         row: list[str | Cell] = [method, str(len(curves[method]))]
         for e in range(epochs):
             runs_at_epoch = [c[e] for c in curves[method] if len(c) > e]

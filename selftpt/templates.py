@@ -1,5 +1,5 @@
-"""Hand-crafted prompt templates: one per dataset (CoOp's ``CUSTOM_TEMPLATES``) and CLIP's
-ImageNet prompt-ensemble lists.
+"""Hand-crafted prompt templates: one per dataset (CoOp's ``CUSTOM_TEMPLATES``, kept in
+``selftpt.dataset_catalog``) and CLIP's ImageNet prompt-ensemble lists.
 
 Zero-shot CLIP classifies with the per-dataset template, and Self-TPT uses it as the fourth,
 fixed CPT view; datasets without an entry fall back to ``DEFAULT_TEMPLATE``. ZeroshotCLIP2
@@ -7,33 +7,10 @@ averages the text features of an ensemble of templates (``ensemble_templates``).
 """
 from __future__ import annotations
 
-DEFAULT_TEMPLATE = "a photo of a {}."
+from selftpt.dataset_catalog import DATASETS, DEFAULT_TEMPLATE
+from selftpt.errors import ConfigError
 
-CUSTOM_TEMPLATES: dict[str, str] = {
-    "OxfordPets": "a photo of a {}, a type of pet.",
-    "OxfordFlowers": "a photo of a {}, a type of flower.",
-    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
-    "DescribableTextures": "{} texture.",
-    "EuroSAT": "a centered satellite photo of {}.",
-    "StanfordCars": "a photo of a {}.",
-    "Food101": "a photo of {}, a type of food.",
-    "SUN397": "a photo of a {}.",
-    "Caltech101": "a photo of a {}.",
-    "UCF101": "a photo of a person doing {}.",
-    "ImageNet": "a photo of a {}.",
-    "ImageNetSketch": "a photo of a {}.",
-    "ImageNetV2": "a photo of a {}.",
-    "ImageNetA": "a photo of a {}.",
-    "ImageNetR": "a photo of a {}.",
-    "ShapeWorld": "a photo of a {}.",  # built-in benchmark (selftpt/benchmark), issue 3
-    "ShapeWorldSketch": "a photo of a {}.",
-    "ShapeWorldNoisy": "a photo of a {}.",
-    "ShapeWorldPastel": "a photo of a {}.",
-    "ShapeWorldClutter": "a photo of a {}.",
-    "MoreShapes": "a photo of a {}.",
-    "ShapePatterns": "a photo of a {}.",
-    "FashionMNIST": "a photo of a {}, a type of clothing.",
-}
+CUSTOM_TEMPLATES: dict[str, str] = {d.name: d.template for d in DATASETS}
 
 
 def template_for(dataset_name: str) -> str:
@@ -166,4 +143,4 @@ def ensemble_templates(dataset_name: str, ensemble: str = "coop_select") -> list
         return templates
     if ensemble == "clip80":
         return list(IMAGENET_TEMPLATES)
-    raise ValueError(f"unknown prompt ensemble {ensemble!r}; choose from {ENSEMBLES}")
+    raise ConfigError(f"unknown prompt ensemble {ensemble!r}; choose from {ENSEMBLES}")

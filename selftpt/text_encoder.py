@@ -9,11 +9,33 @@ step (CoOp, CPT, TPT's per-image step) several times cheaper.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# Prompts per text-encoder call when class prompts are encoded without gradients (evaluation
+# classifiers, CPT's hand-crafted view, zero-shot prompts): enough tokens per matmul (256 x 77)
+# to keep a GPU busy, while a call's largest activation, the text MLP's hidden layer, stays
+# near 80 MB for ViT-B/16 (256 x 77 x 2048 fp16 values), where ImageNet's 1000 classes in one
+# call would need four times that.
+PROMPT_CHUNK = 256
+
+Items = TypeVar("Items", list, torch.Tensor)
+
+
+def encode_in_chunks(encode: Callable[[Items], torch.Tensor], items: Items,
+                     chunk: int = PROMPT_CHUNK) -> torch.Tensor:
+    """``encode`` of consecutive slices of at most ``chunk`` items, concatenated along dim 0.
+
+    Args:
+        encode: maps a slice of ``items`` to its (n, D) features.
+        items: a list of texts, or a 1-D tensor of class indices (sliced, so still a tensor).
+    """
+    return torch.cat([encode(items[i:i + chunk]) for i in range(0, len(items), chunk)])
+
 
 # The switches that ``torch.nn.attention.sdpa_kernel`` flips, per attention backend.
 _SDPA_SWITCHES = {
@@ -81,6 +103,12 @@ class TextEncoder(nn.Module):
         clip_model: an OpenAI ``clip.model.CLIP``; its text tower is shared, not copied.
         grad_checkpoint: recompute each residual block in backward to bound memory when
             many prompts are encoded with gradients (e.g. 1000 class names x 4 CPT views).
+
+    ``layer_inputs[i]`` is an identity that the sequence-first (L, n, d) tensor entering block i
+    passes through: a hook point. The blocks run through ``residual_block`` (their own mask is
+    sized for the full context), which bypasses hooks on the blocks themselves, so forward hooks
+    on these identities are how the input of a layer is read or replaced (deep prompts:
+    ``selftpt.deep_prompts``). Hooks there touch this encoder only, not CLIP's ``encode_text``.
     """
 
     def __init__(self, clip_model: nn.Module, grad_checkpoint: bool = False) -> None:
@@ -91,6 +119,7 @@ class TextEncoder(nn.Module):
         self.text_projection = clip_model.text_projection
         self.dtype = clip_model.dtype
         self.grad_checkpoint = grad_checkpoint
+        self.layer_inputs = nn.ModuleList(nn.Identity() for _ in self.transformer.resblocks)
 
     def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
         """Args: prompts (n, L, d) embeddings; tokenized_prompts (n, L) ids, EOT = max id.
@@ -101,7 +130,8 @@ class TextEncoder(nn.Module):
         x = prompts[:, :length] + self.positional_embedding[:length].type(self.dtype)
         x = x.permute(1, 0, 2)  # (L, n, d): OpenAI's transformer is sequence-first
         mask = causal_mask(length, x.device)
-        for block in self.transformer.resblocks:
+        for block, layer_input in zip(self.transformer.resblocks, self.layer_inputs, strict=True):
+            x = layer_input(x)
             if self.grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(residual_block, block, x, mask, use_reentrant=False,
                                context_fn=same_attention_kernels)

@@ -47,18 +47,26 @@ class ClipTrainer(TrainerX):
     """Base of the CLIP trainers; ``CFG_NODE`` names the ``TRAINER.<NODE>`` config sub-node."""
 
     CFG_NODE = "COOP"
-    # What the trainer is, declared once here and read from the registry by sweeps, tables,
-    # result collection, the efficiency benchmark, the GPU check and the tests.
-    TRAINS = True  # False: nothing to train, train.py evaluates directly (ZeroshotCLIP, TPT)
+    # What the trainer is, declared once here and read from the registry
+    # (selftpt.trainer_facts) by sweeps, tables, result collection, the efficiency benchmark,
+    # the GPU check and the tests; a subclass overrides what differs.
+    TRAINS = True  # False: nothing to train, train.py evaluates directly
     DETERMINISTIC = False  # the same result for every seed: sweeps run it once, unseeded
-    PER_IMAGE = False  # tunes on each test image (TPT): timed at batch 1, its test set can be sharded
+    PER_IMAGE = False  # tunes on each test image: timed at batch 1, its test set can be sharded
     TABLE_ORDER = 1000  # rank of its rows in tables; rows named by TRAINER.METHOD_NAME follow their trainer's
     # Display name -> (config stem under configs/trainers/<Trainer>/, extra KEY VALUE options):
-    # the paper settings the efficiency benchmark times and the GPU check runs.
+    # the paper settings the efficiency benchmark times and the GPU check runs, one per row
+    # either tool reports (a variant such as Self-TPT-v is its own entry). Empty: neither runs it.
     REFERENCE_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {}
     # What PREC "auto" means on CUDA: CoOp's fp16 weights; TPT uses "amp" (fp32 + autocast).
     # Other devices run fp32 under "auto"; see selftpt/precision.py for the whole policy.
     AUTO_CUDA_PRECISION = "fp16"
+
+    def __init__(self, cfg: Any) -> None:
+        # What the run records beside its metrics: results.json's "extra" (adaptation time,
+        # CPT losses, ...). Set before Dassl's __init__ so build_model may replace or fill it.
+        self.result_extra: dict[str, Any] = {}
+        super().__init__(cfg)
 
     @property
     def node(self) -> Any:
@@ -199,7 +207,9 @@ class ClipTrainer(TrainerX):
         image features (``TEST.FEATURE_CACHE``); None (default) = not cacheable (the method
         tunes or augments per image). Trainers that return a module also implement
         ``encode_images(images) -> features`` (L2-normalised CLIP image features) and
-        ``logits_from_features(features)``; their ``model_inference`` is the composition."""
+        ``logits_from_features(features)``; their ``model_inference`` is the composition.
+        The module's digest is the cache key's: with deep vision prompts, return a module that
+        holds them (``selftpt.deep_prompts.PromptedImageEncoder``)."""
         return None
 
     def eval_logits(self, split: str, data_loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

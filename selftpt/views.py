@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from selftpt.augmix import augmix as augmix_blend
+from selftpt.errors import ConfigError
 
 # TPT applies no AugMix to ImageNet and its variants (single-letter set ids in its code).
 NO_AUGMIX_DATASETS = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
@@ -38,7 +39,7 @@ def use_augmix(setting: str, dataset_name: str) -> bool:
         dataset_name: the config's ``DATASET.NAME``.
     """
     if setting not in ("auto", "on", "off"):
-        raise ValueError(f"AUGMIX must be auto, on or off; got {setting!r}")
+        raise ConfigError(f"AUGMIX must be auto, on or off; got {setting!r}")
     if setting == "auto":
         return dataset_name not in NO_AUGMIX_DATASETS
     return setting == "on"
@@ -61,7 +62,7 @@ class TestTimeViews:
                  std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
                  interpolation: str = "bicubic") -> None:
         if n_views < 1:
-            raise ValueError(f"n_views must be >= 1, got {n_views}")
+            raise ConfigError(f"n_views must be >= 1, got {n_views}")
         size = tuple(size)
         self.n_views = n_views
         self.augmix = augmix

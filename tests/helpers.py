@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+import trainers  # noqa: F401  (registers the trainers)
 from selftpt.clip_loader import build_random_clip, save_state_dict
 from selftpt.config import extend_cfg
 from selftpt.toolbox import DATASET_REGISTRY, DatasetBase, Datum, get_cfg_default
+from selftpt.trainer_facts import registered_trainers
 
 TINY_CLIP_ARCH = dict(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64,
                       vision_patch_size=16, context_length=32, vocab_size=49408,
@@ -27,6 +29,13 @@ TINY_CLASSES = [("red", "square"), ("green", "circle"), ("blue", "triangle"),
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
            "yellow": (230, 220, 20), "purple": (150, 30, 180), "orange": (250, 140, 0)}
 N_PER_SPLIT = {"train": 8, "val": 2, "test": 4}
+
+
+def project_trainers(trains: bool | None = None) -> list[str]:
+    """The registered trainers of ``trainers/`` (all, or those whose ``TRAINS`` is ``trains``),
+    in table order. Test modules may register trainers of their own; only the project's are meant."""
+    return [name for name, cls in registered_trainers().items()
+            if cls.__module__.startswith("trainers.") and (trains is None or cls.TRAINS == trains)]
 
 
 def make_tiny_clip(path: Path, seed: int = 0) -> Path:
@@ -112,7 +121,7 @@ def tiny_opts(root: Path, clip_path: Path, trainer: str = "CoOp") -> list[str]:
         "OPTIM.MAX_EPOCH": "2", "OPTIM.LR_SCHEDULER": "cosine", "TRAIN.PRINT_FREQ": "5",
         "USE_CUDA": "False",
     }
-    for node in ("COOP", "SELFTPT", "TPT", "COCOOP", "ZSCLIP"):
+    for node in sorted({cls.CFG_NODE for cls in registered_trainers().values()}):
         settings[f"TRAINER.{node}.PREC"] = "fp32"
     return [x for kv in settings.items() for x in kv]
 

@@ -220,9 +220,31 @@ def test_fashion_mnist_reader():
 
 
 def test_protocols_name_registered_datasets():
-    from selftpt.benchmark.protocols import PROTOCOLS
+    from selftpt import dataset_catalog
+    from selftpt.protocols import PROTOCOLS
 
+    configs = Path(__file__).resolve().parents[1] / "configs"
     for protocol in PROTOCOLS.values():
-        for name in protocol.datasets:
-            assert name in DATASETS
-            assert (Path(__file__).resolve().parents[1] / "configs" / "datasets" / f"{protocol.stems()[protocol.datasets.index(name)]}.yaml").is_file()
+        defaults = protocol.defaults(dataset_catalog.BENCHMARK)
+        assert defaults.targets and (defaults.source or protocol.name in ("base2new", "fewshot"))
+        for stem in defaults.datasets:
+            assert dataset_catalog.find(stem, dataset_catalog.BENCHMARK).name in DATASETS
+            assert (configs / "datasets" / f"{stem}.yaml").is_file()
+        # the shipped benchmark configs use the backbone the defaults name
+        for path in configs.glob("trainers/*/bench*.yaml"):
+            assert f'NAME: "{defaults.backbone}"' in path.read_text(), path
+
+
+def test_protocols_cli_accepts_old_and_new_names(capsys):
+    from selftpt.benchmark.protocols import main
+
+    for old, new in (("cross_dataset", "xd"), ("domain_generalization", "dg"), ("base2new", "base2new")):
+        main([old, "--names"])
+        main([new, "--names"])
+        first, second = capsys.readouterr().out.splitlines()
+        assert first == second
+    main(["xd"])
+    assert capsys.readouterr().out.split() == ["shapeworld", "moreshapes", "shapepatterns", "fashion_mnist"]
+    main(["dg", "--names"])
+    assert capsys.readouterr().out.split() == ["ShapeWorld", "ShapeWorldSketch", "ShapeWorldNoisy",
+                                               "ShapeWorldPastel", "ShapeWorldClutter"]

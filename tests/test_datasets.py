@@ -18,8 +18,11 @@ import prepare_data
 from datasets.catalog import CATALOG, SHA256, get_spec
 from datasets.common import DatasetError, split_problems, subsample_classes
 from datasets.prepare import check_dataset, download_files
+from selftpt import dataset_catalog
 from selftpt.config import extend_cfg
 from selftpt.errors import UserError
+from selftpt.protocols import PROTOCOLS
+from selftpt.templates import CUSTOM_TEMPLATES, DEFAULT_TEMPLATE, template_for
 from selftpt.toolbox import DATASET_REGISTRY, USING_DASSL, DatasetBase, Datum, build_dataset, get_cfg_default
 from tests import dataset_layouts as L
 
@@ -61,16 +64,50 @@ def one_line_error(excinfo, *needles):
 # ----------------------------------------------------------------------------- registry, configs
 
 
-def test_every_coop_dataset_is_registered_with_a_config():
+def dataset_config(stem):
+    cfg = extend_cfg(get_cfg_default())
+    cfg.merge_from_file(str(REPO / "configs/datasets" / f"{stem}.yaml"))
+    return cfg
+
+
+def test_every_catalogued_dataset_is_registered_with_its_config():
     names = set(DATASET_REGISTRY.registered_names())
     assert set(CATALOG) <= names
-    stems = {"imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-             "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_v2",
-             "imagenet_sketch", "imagenet_a", "imagenet_r"}
-    for stem in stems:
-        cfg = extend_cfg(get_cfg_default())
-        cfg.merge_from_file(str(REPO / "configs/datasets" / f"{stem}.yaml"))
-        assert cfg.DATASET.NAME in CATALOG and get_spec(stem).name == cfg.DATASET.NAME
+    for info in dataset_catalog.DATASETS:
+        assert info.name in names and dataset_config(info.stem).DATASET.NAME == info.name
+        if info.suite == dataset_catalog.PAPER:
+            assert get_spec(info.stem) is CATALOG[info.name] and CATALOG[info.name].stem == info.stem
+        else:
+            assert DATASET_REGISTRY.get(info.name).spec.stem == info.stem
+    assert [d.name for d in dataset_catalog.suite_datasets(dataset_catalog.PAPER)] == list(CATALOG)
+
+
+def test_one_config_file_per_dataset_and_renamed_stems_still_resolve():
+    files = sorted(p.stem for p in (REPO / "configs/datasets").glob("*.yaml"))
+    assert files == sorted(d.stem for d in dataset_catalog.DATASETS)
+    assert dataset_catalog.renamed_stem("imagenetv2") == "imagenet_v2"
+    assert not (REPO / "configs/datasets/imagenetv2.yaml").exists()
+    assert dataset_catalog.renamed_stem("imagenet_v2") is None
+    assert get_spec("imagenetv2").name == get_spec("imagenet_v2").name == "ImageNetV2"
+
+
+def test_catalogue_names_every_spelling_once_and_its_roles_are_the_protocols():
+    spellings = [key for d in dataset_catalog.DATASETS for key in d.spellings]
+    assert len(spellings) == len(set(spellings))  # a folder or log name means one dataset
+    for info in dataset_catalog.DATASETS:
+        assert info.suite in dataset_catalog.SUITES and set(info.roles) <= set(dataset_catalog.ROLES), info.name
+    for protocol in PROTOCOLS.values():
+        assert {protocol.target_role, protocol.source_role} - {""} <= set(dataset_catalog.ROLES)
+        for suite in dataset_catalog.SUITES:
+            assert len(dataset_catalog.with_role(protocol.source_role, suite)) == bool(protocol.source_role)
+            assert protocol.defaults(suite).targets
+
+
+def test_templates_come_from_the_catalogue():
+    assert CUSTOM_TEMPLATES == {d.name: d.template for d in dataset_catalog.DATASETS}
+    assert template_for("DescribableTextures") == "{} texture."  # CoOp's CUSTOM_TEMPLATES
+    assert template_for("FashionMNIST") == "a photo of a {}, a type of clothing."
+    assert template_for("NotADataset") == DEFAULT_TEMPLATE == "a photo of a {}."
 
 
 # ----------------------------------------------------------------------------- CoOp split files
@@ -129,6 +166,16 @@ def test_fgvc_aircraft_reads_official_split_files(tmp_path):
     assert (len(ds.train_x), len(ds.val), len(ds.test)) == (6, 6, 6)
     assert {d.classname for d in ds.test if d.label == 2} == {"Cessna 172"}
     assert not (tmp_path / "fgvc_aircraft" / "split_zhou_FGVCAircraft.json").exists()
+
+
+def test_fgvc_aircraft_unknown_variant_is_one_error_for_loader_and_checker(tmp_path):
+    L.make_aircraft(tmp_path)
+    L.write_lines(["1000001 707-320", "1000002 Boeing 999"], tmp_path / "fgvc_aircraft/images_variant_val.txt")
+    with pytest.raises(DatasetError) as e:
+        load(tmp_path, "FGVCAircraft")
+    one_line_error(e, "'Boeing 999' of images_variant_val.txt is not in variants.txt")
+    checked = check_dataset(CATALOG["FGVCAircraft"], tmp_path)
+    assert checked.status == "malformed" and "'Boeing 999' of images_variant_val.txt" in checked.details
 
 
 # ----------------------------------------------------------------------------- ImageNet family

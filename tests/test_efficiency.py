@@ -188,3 +188,36 @@ def test_paired_timing_and_cache_sweep_in_process(tiny_clip_path, tmp_path, caps
     assert sweep["evaluations"] == 9 and sweep["num_images"] == 4
     assert {r["method"] for r in sweep["runs"]} == {"ZeroshotCLIP", "CoOp", "SelfTPT"}
     assert "paired in one process" in printed and "cache: 3 seeds x 3 prompt methods" in printed
+
+
+def test_targets_are_data_and_their_thresholds_decide():
+    from selftpt.efficiency.methods import load_settings
+    from selftpt.efficiency.targets import evaluate_targets
+
+    fast = {"images_per_s": {"1": 100.0}, "peak_mem_mb": 100.0, "one_time_s": 1.0}
+    obj = {"backbone": "ViT-B/16", "num_classes": 1000, "device": "cpu",
+           "methods": {"ZeroshotCLIP": dict(fast), "SelfTPT": dict(fast, peak_mem_mb=120.0),
+                       "TPT": dict(fast, images_per_s={"1": 1.0})}}
+    statuses = {t["target"]: t["status"] for t in evaluate_targets(obj)}
+    assert statuses["Self-TPT >= 50x TPT's images/s at batch 1, >= 100 classes, ViT-B/16"] == "PASS"
+    assert statuses["Self-TPT peak memory <= 1.1x zero-shot CLIP's"] == "FAIL"  # 1.2x
+    assert statuses["cache: 3 seeds x 3 prompt methods <= 1.2x one image-encoding pass"] == "n/a"
+    memory = next(t for t in load_settings()["targets"] if t["kind"] == "memory_ratio")
+    (line,) = evaluate_targets(obj, [dict(memory, max_ratio=1.25, title="memory <= {max_ratio}x")])
+    assert line["target"] == "memory <= 1.25x" and line["status"] == "PASS"
+
+
+def test_benchmark_user_errors_are_one_line_with_exit_2(capsys):
+    assert benchmark_main(["--opts", "OPTIM.LR"]) == 2
+    assert capsys.readouterr().err == "error: --opts takes KEY VALUE pairs; got OPTIM.LR\n"
+    assert benchmark_main(["--methods", "NoSuchMethod", "--backbone", "Bench-RN-T", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Unknown method(s) ['NoSuchMethod']; choose from [") and "'SelfTPT'" in err
+
+
+def test_measuring_subprocesses_register_what_this_process_registered():
+    from selftpt.efficiency.methods import methods, registration_modules
+
+    modules = registration_modules()
+    assert {"trainers.selftpt", "trainers.tpt", "selftpt.efficiency.synthetic"} <= set(modules)
+    assert methods()["TPT"].per_image and not methods()["SelfTPT"].per_image  # from the trainers' PER_IMAGE

@@ -15,22 +15,27 @@ from pathlib import Path
 
 import pytest
 
+import trainers  # noqa: F401  (registers the trainers: a sweep plans from their TRAINS, DETERMINISTIC)
 from selftpt import collect, tables
 from selftpt.launch import build_parser, setup_cfg
 from selftpt.results import make_record, write_results
 from selftpt.sweep import (
-    PAPER_ELEVEN,
+    PROTOCOLS,
     PlanError,
     Run,
     Sweep,
     config_file,
+    current_stems,
     default_datasets,
     load_plans,
+    protocol_defaults,
     resolve_plan,
 )
 from selftpt.sweep import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
+PAPER_ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 SHOTS = (1, 2, 4, 8, 16)
 # CoOp paper (COOP.md): epochs per shot count; ImageNet trains 50 epochs at every shot count.
 COOP_FEWSHOT_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -254,3 +259,61 @@ def test_tpt_paper_config_is_pinned():
         assert (tpt.N_CTX, tpt.CTX_INIT, tpt.N_VIEWS, tpt.SELECTION_P, tpt.STEPS, tpt.LR) == \
             (4, "a photo of a", 64, 0.1, 1, 0.005)
         assert cfg.DATALOADER.TEST.BATCH_SIZE == 1 and cfg.MODEL.BACKBONE.NAME == "ViT-B/16"
+
+
+# --------------------------------------------------------------------------- the protocol registry
+
+
+def test_paper_defaults_of_every_protocol():
+    assert PROTOCOLS == ("base2new", "xd", "dg", "fewshot")
+    assert default_datasets("base2new", "/data") == default_datasets("fewshot", "/data") == ("", list(PAPER_ELEVEN))
+    assert default_datasets("xd", "/data") == ("imagenet", list(PAPER_ELEVEN[1:]))
+    assert [protocol_defaults(p, "/data").shots for p in PROTOCOLS] == [(16,), (16,), (16,), (1, 2, 4, 8, 16)]
+    assert {protocol_defaults(p, d).backbone for p in PROTOCOLS for d in ("", "/data")} == {"Bench-RN-T", "ViT-B/16"}
+
+
+def test_protocol_names_aliases_and_table_order():
+    from selftpt.protocols import folder_names, get_protocol
+
+    # folder names of CoOp-family layouts and this project's older benchmark names
+    assert folder_names() == {"base2new": "base2new", "base2novel": "base2new", "xd": "xd", "cross_dataset": "xd",
+                              "crossdataset": "xd", "dg": "dg", "domain_generalization": "dg",
+                              "fewshot": "fewshot", "few_shot": "fewshot"}
+    assert get_protocol("Cross_Dataset").name == "xd"
+    with pytest.raises(KeyError, match="unknown protocol 'b2n'"):
+        get_protocol("b2n")
+    assert collect._PROTOCOL_DIRS == folder_names()
+    assert tables._PROTOCOL_ORDER == (*PROTOCOLS, "")
+
+
+def test_a_new_protocol_is_one_class(monkeypatch):
+    """A registered class is all the sweep needs: its defaults, shots and chains."""
+    from selftpt import protocols
+
+    monkeypatch.setattr(protocols, "PROTOCOLS", dict(protocols.PROTOCOLS))
+
+    @protocols.register
+    class TrainOnly(protocols.Protocol):
+        name = "trainonly"
+        target_role = "base2new"
+        shots = (2,)
+
+        def chains(self, sweep, seed, shots):
+            return [[sweep.make_run("", d, d, shots, seed, ["DATASET.NUM_SHOTS", str(shots)])] for d in sweep.datasets]
+
+    defaults = protocols.get_protocol("trainonly").defaults("benchmark")
+    assert defaults.shots == (2,) and defaults.targets == ("shapeworld", "moreshapes", "shapepatterns", "fashion_mnist")
+    sweep = Sweep("trainonly", "CoOp", "bench", "", ["shapeworld"], [1], [2], Path("/o"))
+    (run,), = sweep.chains()
+    assert run.output_dir == Path("/o/trainonly/shapeworld/shots_2/CoOp/bench/seed1") and not run.eval_only
+
+
+def test_renamed_dataset_stem_is_accepted_with_a_note(tmp_path, capsys):
+    assert current_stems(["imagenetv2", "imagenet_sketch"]) == ["imagenet_v2", "imagenet_sketch"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset config imagenetv2 is now imagenet_v2" in err
+    # the sweep takes it (the run stops later, at the unknown config, before any work)
+    assert sweep_main(["dg", "--trainer", "CoOp", "--cfg", "nope", "--data", str(tmp_path),
+                       "--datasets", "imagenetv2", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is now imagenet_v2" in err and "no dataset config" not in err and "nope" in err

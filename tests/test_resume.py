@@ -17,20 +17,7 @@ import selftpt.engine.trainer as engine_trainer
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.launch import main
 from selftpt.toolbox import TRAINER_REGISTRY, build_trainer, load_checkpoint
-from tests.helpers import tiny_cfg, tiny_opts
-
-
-def project_trainers(trains: bool) -> list[str]:
-    """The registered trainers of ``trainers/`` that train (``trains``) or are training-free.
-
-    Test modules may register trainers of their own; only the project's are meant here."""
-    names = []
-    for name in TRAINER_REGISTRY.registered_names():
-        cls = TRAINER_REGISTRY.get(name)
-        if cls.__module__.startswith("trainers.") and getattr(cls, "TRAINS", True) == trains:
-            names.append(name)
-    return sorted(names)
-
+from tests.helpers import project_trainers, tiny_cfg, tiny_opts
 
 TRAINING = project_trainers(trains=True)
 TRAINING_FREE = project_trainers(trains=False)
@@ -136,8 +123,7 @@ def test_interrupted_run_resumes_to_the_same_run(trainer, tmp_path, tiny_data_ro
 @pytest.mark.parametrize("trainer", TRAINING)
 def test_training_state_round_trips(trainer, tmp_path, tiny_data_root, tiny_clip_path):
     # in amp every trainer has a GradScaler; its scale is training state too
-    prec = {"CoOp": "COOP", "CoCoOp": "COCOOP", "SelfTPT": "SELFTPT"}.get(trainer)
-    extra = [f"TRAINER.{prec}.PREC", "amp"] if prec else []
+    extra = [f"TRAINER.{TRAINER_REGISTRY.get(trainer).CFG_NODE}.PREC", "amp"]
     make = lambda: build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, trainer,  # noqa: E731
                                           ("OUTPUT_DIR", str(tmp_path), *extra)))
     with pytest.warns(UserWarning):  # amp on CPU is honoured with a warning

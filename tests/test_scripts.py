@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from selftpt.sweep import Sweep, default_datasets
+import trainers  # noqa: F401  (registers the trainers: a sweep plans from their TRAINS, DETERMINISTIC)
+from selftpt.sweep import PlanError, Sweep, default_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_tpt_plus_coop_starts_each_test_from_the_matching_coop_run(tmp_path):
     (run,), = sweep("xd", trainer="TPT", prompts_from="CoOp/bench", source="shapeworld",
                     datasets=["moreshapes"]).chains()
     assert run.model_dir == Path("/o/xd/train/shapeworld/shots_2/CoOp/bench/seed1")
-    with pytest.raises(SystemExit, match="training-free"):
+    with pytest.raises(PlanError, match="training-free"):
         sweep(trainer="CoOp", prompts_from="CoOp/bench")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import trainers  # noqa: F401  (registers the trainers: a sweep plans from their TRAINS, DETERMINISTIC)
 from selftpt import collect, tables
 from selftpt.results import RESULTS_FILENAME, make_record, read_results, write_results
 import selftpt.sweep as sweeps  # names looked up in the tests, so that the ones that only drive a sweep
@@ -54,7 +55,8 @@ def fake_main(argv):
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the sweep's command line: it registers the trainers the plan reads
+    import trainers  # noqa: F401
     from selftpt.sweep import main
     sys.exit(main(sys.argv[1:]))
 else:  # a sweep worker: fake runs, and none of the real datasets and trainers to register

@@ -82,6 +82,8 @@ class CoCoOp(ClipTrainer):
     """Trains the shared context and the meta-net with cross-entropy (any batch size)."""
 
     CFG_NODE = "COCOOP"
+    TABLE_ORDER = 40
+    REFERENCE_CONFIGS = {"CoCoOp": ("vit_b16_c4_ep10_batch1_ctxv1", ())}
 
     def build_model(self) -> None:
         node = self.node

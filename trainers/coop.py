@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from selftpt.prompted_clip import PromptedCLIP
+from selftpt.text_encoder import encode_in_chunks
 from selftpt.toolbox import TRAINER_REGISTRY, compute_accuracy
 from selftpt.trainer_base import PromptedClipTrainer
 
@@ -14,6 +15,10 @@ class CoOp(PromptedClipTrainer):
     """Learns a continuous text context with cross-entropy on labelled few-shot images."""
 
     CFG_NODE = "COOP"
+    TABLE_ORDER = 30
+    # 4 tokens from "a photo of a", ImageNet's 50 epochs: CoOp as configs/plans.yaml trains it on
+    # the paper's source dataset, with Self-TPT's prompt length.
+    REFERENCE_CONFIGS = {"CoOp": ("vit_b16_ep50_ctxv1", ())}
 
     def build_model(self) -> None:
         clip_model = self.load_clip_model()
@@ -36,5 +41,5 @@ class CoOp(PromptedClipTrainer):
     def prepare_for_test(self) -> None:
         """The prompt is fixed during evaluation: encode the class prompts once, not per batch."""
         with torch.no_grad(), self.autocast():
-            chunks = torch.arange(self.model.prompt_learner.n_cls, device=self.device).split(256)
-            self.eval_text_features = torch.cat([self.model.text_features(indices=c) for c in chunks])
+            classes = torch.arange(self.model.prompt_learner.n_cls, device=self.device)
+            self.eval_text_features = encode_in_chunks(lambda c: self.model.text_features(indices=c), classes)

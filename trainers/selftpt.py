@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from selftpt.precision import GradientScale
 from selftpt.prompt_learner import POSITIONS
 from selftpt.prompted_clip import PromptedCLIP
 from selftpt.templates import template_for
+from selftpt.text_encoder import encode_in_chunks
 from selftpt.toolbox import (
     TRAINER_REGISTRY,
     build_lr_scheduler,
@@ -46,6 +46,9 @@ class SelfTPT(PromptedClipTrainer):
     """CoOp prompt + CPT + GM in training; class-name adaptation and single-pass inference."""
 
     CFG_NODE = "SELFTPT"
+    TABLE_ORDER = 60
+    REFERENCE_CONFIGS = {"SelfTPT": ("vit_b16_c4_ep10", ()),  # N_VIEWS 1: one image pass
+                         "SelfTPT-v": ("vit_b16_c4_ep10_v", ())}  # N_VIEWS 64, METHOD_NAME SelfTPT-v
 
     # ------------------------------------------------------------------------------ build
     def custom_test_transform(self) -> TestTimeViews | None:
@@ -71,7 +74,7 @@ class SelfTPT(PromptedClipTrainer):
         self.grad_scale = GradientScale(self.precision in ("fp16", "amp"))
         self.cpt_generator = torch.Generator().manual_seed(max(cfg.SEED, 0))
         self.epoch_grad_cos: list[float] = []
-        self.result_extra: dict[str, Any] = {"grad_cos_per_epoch": []}
+        self.result_extra["grad_cos_per_epoch"] = []
 
     # --------------------------------------------------------------------------- stage 1
     def class_text_features(self, ctx: torch.Tensor | None = None,
@@ -239,9 +242,8 @@ class SelfTPT(PromptedClipTrainer):
             ctx = self.adapt_to_class_names(ctx)
         start = time.perf_counter()
         with torch.no_grad(), self.autocast():
-            n_cls = self.model.prompt_learner.n_cls
-            chunks = torch.arange(n_cls, device=ctx.device).split(256)
-            self.eval_text_features = torch.cat([self.class_text_features(ctx, c) for c in chunks])
+            classes = torch.arange(self.model.prompt_learner.n_cls, device=ctx.device)
+            self.eval_text_features = encode_in_chunks(lambda c: self.class_text_features(ctx, c), classes)
         self.result_extra["text_features_seconds"] = time.perf_counter() - start
 
     def image_encoder_for_cache(self) -> torch.nn.Module | None:

@@ -46,6 +46,9 @@ class TPT(ClipTrainer):
 
     CFG_NODE = "TPT"
     TRAINS = False  # nothing is trained beforehand: train.py evaluates directly
+    PER_IMAGE = True  # tunes a prompt on each test image
+    TABLE_ORDER = 50
+    REFERENCE_CONFIGS = {"TPT": ("vit_b16", ())}
     AUTO_CUDA_PRECISION = "amp"  # TPT keeps CLIP in fp32 and uses autocast
 
     # ------------------------------------------------------------------------------ data
@@ -87,7 +90,6 @@ class TPT(ClipTrainer):
         self.optim_state = copy.deepcopy(self.optim.state_dict())
         self.scaler = self.make_grad_scaler(init_scale=1000)  # TPT's scale; None in fp32
         self.prompt_init = f'CTX_INIT "{node.CTX_INIT}"' if node.CTX_INIT else f"random ({node.N_CTX} tokens)"
-        self.result_extra: dict = {}
         self.capture_initial_prompt()
 
     def capture_initial_prompt(self) -> None:

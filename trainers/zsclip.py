@@ -10,19 +10,19 @@ import torch.nn.functional as F
 from selftpt.clip_loader import tokenize
 from selftpt.prompt_learner import clean_classname
 from selftpt.templates import ensemble_templates, template_for
+from selftpt.text_encoder import encode_in_chunks
 from selftpt.toolbox import TRAINER_REGISTRY
 from selftpt.trainer_base import ClipTrainer
 
 
 @torch.no_grad()
-def encode_class_prompts(clip_model: torch.nn.Module, template: str, classnames: list[str],
-                         chunk: int = 256) -> torch.Tensor:
+def encode_class_prompts(clip_model: torch.nn.Module, template: str, classnames: list[str]) -> torch.Tensor:
     """(n_cls, D) normalised text features of ``template`` filled with each class name."""
     device = clip_model.token_embedding.weight.device
     prompts = [template.format(clean_classname(c)) for c in classnames]
-    feats = [clip_model.encode_text(tokenize(prompts[i:i + chunk], clip_model.context_length).to(device))
-             for i in range(0, len(prompts), chunk)]
-    return F.normalize(torch.cat(feats), dim=-1)
+    feats = encode_in_chunks(
+        lambda texts: clip_model.encode_text(tokenize(texts, clip_model.context_length).to(device)), prompts)
+    return F.normalize(feats, dim=-1)
 
 
 @torch.no_grad()
@@ -46,6 +46,9 @@ class ZeroshotCLIP(ClipTrainer):
 
     CFG_NODE = "ZSCLIP"
     TRAINS = False  # train.py evaluates directly
+    DETERMINISTIC = True  # no random draw anywhere: one unseeded run stands for every seed
+    TABLE_ORDER = 10
+    REFERENCE_CONFIGS = {"ZeroshotCLIP": ("vit_b16", ())}
 
     def build_model(self) -> None:
         self.clip_model = self.load_clip_model().to(self.device)
@@ -83,6 +86,9 @@ class ZeroshotCLIP2(ZeroshotCLIP):
     prompt" baseline of TPT's results). The image side is ZeroshotCLIP's one encoder pass, so
     ``TEST.FEATURE_CACHE`` applies unchanged.
     """
+
+    TABLE_ORDER = 20
+    REFERENCE_CONFIGS = {"ZeroshotCLIP2": ("vit_b16", ())}
 
     def build_model(self) -> None:
         self.clip_model = self.load_clip_model().to(self.device)

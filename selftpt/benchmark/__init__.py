@@ -11,7 +11,8 @@ Modules (one concept each):
 * ``materialize``: writes a dataset to disk in CoOp's layout, atomically; the default root.
 * ``pretrain``: pretrains and saves the tiny CLIP (``Bench-RN-T``).
 * ``zeroshot``: zero-shot accuracy with hand-crafted prompts (all / base / new / tiers).
-* ``protocols``: base-to-new, cross-dataset and domain-generalisation settings as data.
+* ``protocols``: prints a protocol's benchmark datasets (the protocols are ``selftpt.protocols``,
+  the datasets' roles ``selftpt.dataset_catalog``).
 
 This package never imports the top-level ``datasets`` or ``trainers``; ``datasets/benchmark.py``
 registers the datasets with Dassl's registry.

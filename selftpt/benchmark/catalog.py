@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from selftpt.benchmark.world import COLORS, PATTERNS
+from selftpt.templates import template_for
 
 Tier = Literal["common", "rare", "unseen"]
 
@@ -48,7 +49,6 @@ class WorldDataset:
             test-only datasets, like CoOp's ImageNet variants, use their test set as train).
         seed: base seed of the dataset's images.
         min_size: minimum circumradius of the main object (patterns need room to show).
-        template: the hand-crafted zero-shot prompt.
     """
 
     name: str
@@ -60,11 +60,15 @@ class WorldDataset:
     n_test: int = 20
     seed: int = 0
     min_size: float = 0.0
-    template: str = "a photo of a {}."
 
     @property
     def classnames(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def template(self) -> str:
+        """The hand-crafted zero-shot prompt (its entry in ``selftpt.dataset_catalog``)."""
+        return template_for(self.name)
 
 
 @dataclass(frozen=True)
@@ -81,11 +85,15 @@ class FashionDataset:
     n_val: int = 20
     n_test: int = 200
     pretrain_pool: int = 50000
-    template: str = "a photo of a {}, a type of clothing."
     classnames: tuple[str, ...] = (
         "t-shirt", "trousers", "pullover", "dress", "coat",
         "sandal", "shirt", "sneaker", "bag", "ankle boot",
     )
+
+    @property
+    def template(self) -> str:
+        """The hand-crafted zero-shot prompt (its entry in ``selftpt.dataset_catalog``)."""
+        return template_for(self.name)
 
 
 def checkerboard(rows: list[str], cols: list[str], make) -> tuple[list, list]:

@@ -1,81 +1,43 @@
-"""The paper's three evaluation protocols, instantiated on the built-in benchmark (as data).
+"""The paper's protocols on the built-in benchmark: their defaults, printed for shell scripts.
 
-Used by the scripts as their defaults when no ``$DATA`` is given:
+The protocols are ``selftpt.protocols``'s; their benchmark datasets are the catalogue's roles
+(``selftpt.dataset_catalog``):
 
-* base-to-new: each dataset's classes halved (CoOp's rule); prompts trained on the base half
-  (16 shots) and tested on both halves. The world's halves are checkerboard cuts of its grids,
-  so every new class is an unseen combination of words that base classes used.
-* cross-dataset: prompts trained on ShapeWorld (the benchmark's ImageNet, all 64 classes, 16
-  shots) and tested on other class sets: other shapes and colours, fill patterns, and
+* base-to-new (and few-shot): ShapeWorld, MoreShapes, ShapePatterns, FashionMNIST, each
+  dataset's classes halved (CoOp's rule); prompts trained on the base half, tested on both
+  halves. The world's halves are checkerboard cuts of its grids, so every new class is an
+  unseen combination of words that base classes used.
+* cross-dataset (``xd``): prompts trained on ShapeWorld (the benchmark's ImageNet, all 64
+  classes) and tested on other class sets: other shapes and colours, fill patterns, and
   Fashion-MNIST's real images.
-* domain generalisation: the same ShapeWorld prompts tested on shifted renderings of its
-  classes (outline sketches, heavy noise, pastel palette, clutter and occlusion).
+* domain generalisation (``dg``): the same ShapeWorld prompts tested on shifted renderings of
+  its classes (outline sketches, heavy noise, pastel palette, clutter and occlusion).
 
-``python -m selftpt.benchmark.protocols base2new`` prints a protocol's config stems (source
-first, for cross-dataset and domain generalisation), one line, for shell scripts.
+``python -m selftpt.benchmark.protocols xd`` prints a protocol's config stems (source first),
+one line; the older names ``cross_dataset`` and ``domain_generalization`` are accepted too.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
-BACKBONE = "Bench-RN-T"
-SHOTS = 16
-SEEDS = (1, 2, 3)
-
-# registry name -> configs/datasets/<stem>.yaml
-CONFIG_STEMS: dict[str, str] = {
-    "ShapeWorld": "shapeworld",
-    "ShapeWorldSketch": "shapeworld_sketch",
-    "ShapeWorldNoisy": "shapeworld_noisy",
-    "ShapeWorldPastel": "shapeworld_pastel",
-    "ShapeWorldClutter": "shapeworld_clutter",
-    "MoreShapes": "moreshapes",
-    "ShapePatterns": "shapepatterns",
-    "FashionMNIST": "fashion_mnist",
-}
+from selftpt import dataset_catalog
+from selftpt.protocols import Defaults, folder_names, get_protocol
 
 
-@dataclass(frozen=True)
-class EvalProtocol:
-    """One protocol: where prompts are trained and where they are tested.
-
-    Attributes:
-        name: ``base2new``, ``cross_dataset`` or ``domain_generalization``.
-        source: the training dataset ("" for base-to-new, which trains on each dataset's base half).
-        targets: the test datasets (for base-to-new: the datasets, each tested on base and new).
-        shots: training shots per class.
-    """
-
-    name: str
-    source: str
-    targets: tuple[str, ...]
-    shots: int = SHOTS
-
-    @property
-    def datasets(self) -> tuple[str, ...]:
-        return ((self.source,) if self.source else ()) + self.targets
-
-    def stems(self) -> list[str]:
-        return [CONFIG_STEMS[d] for d in self.datasets]
+def benchmark_defaults(protocol: str) -> Defaults:
+    """A protocol's benchmark defaults, by name or alias."""
+    return get_protocol(protocol).defaults(dataset_catalog.BENCHMARK)
 
 
-BASE_TO_NEW = EvalProtocol("base2new", "", ("ShapeWorld", "MoreShapes", "ShapePatterns", "FashionMNIST"))
-CROSS_DATASET = EvalProtocol("cross_dataset", "ShapeWorld", ("MoreShapes", "ShapePatterns", "FashionMNIST"))
-DOMAIN_GENERALIZATION = EvalProtocol(
-    "domain_generalization", "ShapeWorld",
-    ("ShapeWorldSketch", "ShapeWorldNoisy", "ShapeWorldPastel", "ShapeWorldClutter"),
-)
-PROTOCOLS: dict[str, EvalProtocol] = {p.name: p for p in (BASE_TO_NEW, CROSS_DATASET, DOMAIN_GENERALIZATION)}
-
-
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print a benchmark protocol's dataset config stems")
-    parser.add_argument("protocol", choices=sorted(PROTOCOLS))
+    parser.add_argument("protocol", choices=sorted(folder_names()))
     parser.add_argument("--names", action="store_true", help="registry names instead of config stems")
     args = parser.parse_args(argv)
-    p = PROTOCOLS[args.protocol]
-    print(" ".join(p.datasets if args.names else p.stems()))
+    stems = benchmark_defaults(args.protocol).datasets
+    if args.names:
+        stems = tuple(dataset_catalog.find(stem, dataset_catalog.BENCHMARK).name for stem in stems)
+    print(" ".join(stems))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import torch.nn as nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from selftpt.errors import ConfigError
+
 from .registry import check_availability
 
 __all__ = [
@@ -204,7 +206,7 @@ def build_lr_scheduler(optimizer: Optimizer, optim_cfg) -> LRScheduler:
                 optimizer, scheduler, optim_cfg.WARMUP_EPOCH, optim_cfg.WARMUP_MIN_LR
             )
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown OPTIM.WARMUP_TYPE {optim_cfg.WARMUP_TYPE!r}; use 'constant' or 'linear'"
             )
     return scheduler

@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torchvision.transforms as T
 from torchvision.transforms import InterpolationMode
 
+from selftpt.errors import ConfigError
+
 __all__ = ["AVAI_CHOICES", "SUPPORTED_CHOICES", "INTERPOLATION_MODES", "build_transform"]
 
 INTERPOLATION_MODES = {
@@ -42,14 +44,14 @@ def _check_choices(choices: Sequence[str]) -> None:
         if choice in SUPPORTED_CHOICES:
             continue
         if choice in AVAI_CHOICES:
-            raise ValueError(
+            raise ConfigError(
                 f"Transform {choice!r} is a Dassl choice that the built-in engine does not "
                 f"implement; install Dassl or use one of: {', '.join(SUPPORTED_CHOICES)}"
             )
         from .registry import get_most_similar_str_to_a_from_b
 
         guess = get_most_similar_str_to_a_from_b(choice, SUPPORTED_CHOICES)
-        raise ValueError(
+        raise ConfigError(
             f"Unknown transform {choice!r}; did you mean {guess!r}? "
             f"Available: {', '.join(SUPPORTED_CHOICES)}"
         )
@@ -58,7 +60,7 @@ def _check_choices(choices: Sequence[str]) -> None:
 def _interpolation(cfg) -> InterpolationMode:
     name = cfg.INPUT.INTERPOLATION
     if name not in INTERPOLATION_MODES:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown INPUT.INTERPOLATION {name!r}; choose from {sorted(INTERPOLATION_MODES)}"
         )
     return INTERPOLATION_MODES[name]

@@ -1,0 +1,280 @@
+"""Deep prompts: learnable tokens given to the layers of CLIP's text and image transformers.
+
+MaPLe, PromptSRC (its IVLP prompts) and PromptAlign prompt more than the input: before
+transformer layer i >= 1, the prompt positions of the token sequence are overwritten with that
+layer's own tokens (what the previous layer computed there is dropped). Here this is done with
+forward hooks around CLIP's own modules, so no CLIP forward is copied:
+
+- text (``selftpt.text_encoder.TextEncoder``): the n positions right after the start token
+  (``TEXT_PROMPT_START``, where the prompt learner's context sits in the ``end`` layout) are
+  replaced before each prompted layer i >= 1. Layer 0 takes no deep prompt: its prompt is the
+  prompt embedding itself (the learner's context, which gets CLIP's positional embedding);
+  deeper tokens get none, as in MaPLe. The hooks sit on the encoder's ``layer_inputs`` hook
+  points, so CLIP's own ``encode_text`` (which shares the blocks) is never prompted.
+- image (``clip.model.VisionTransformer``): layer 0's n tokens are appended after the patch
+  tokens, after the positional embedding (prompts have no position) and before ``ln_pre``;
+  before each prompted layer i >= 1 the last n positions are replaced (MaPLe's and PromptSRC's
+  ``VisionTransformer``). ``ln_post`` pools the class token only, so prompts change the image
+  features through attention alone. Layers not named keep what the previous layer computed at
+  the prompt positions.
+- ``ModifiedResNet`` (RN50 ...) is refused: a convolutional trunk with one attention-pooling
+  layer has no transformer layers to prompt, and the papers prompt ViT layers only.
+
+With no prompts installed nothing is hooked: outputs are bit-identical to plain CLIP.
+
+The image-feature cache (``selftpt.feature_cache``) must never serve features computed with
+other prompts. Prompts installed on an encoder when its cache key is computed are hashed into
+the key; prompts made at every forward belong in a module that holds everything they depend
+on, ``PromptedImageEncoder``, whose own digest then covers them. Prompts applied during
+encoding that neither covers are detected (``recording_prompt_use``) and the entry is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from selftpt.text_encoder import TextEncoder
+
+with warnings.catch_warnings():  # clip imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")
+    from clip.model import ModifiedResNet, VisionTransformer
+
+TEXT_PROMPT_START = 1  # text prompts follow the start-of-text token
+
+TEXT, IMAGE = "text", "image"
+
+
+@dataclass(frozen=True)
+class DeepPrompts:
+    """Prompt tokens per transformer layer.
+
+    Args:
+        layers: ``{layer index: tokens}``; tokens are (n, d), shared by every sequence of a
+            batch, or (N, n, d), one set per sequence; every layer has the same n. They are
+            cast to the activations' dtype and device where they enter, so fp32 master copies
+            of learnable tokens can be given directly (gradients reach them through the cast).
+    """
+
+    layers: Mapping[int, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        bad = [i for i, t in self.layers.items() if int(i) < 0 or t.dim() not in (2, 3)]
+        if bad:
+            raise ValueError(f"Deep prompts need layer indices >= 0 and (n, d) or (N, n, d) tokens; "
+                             f"layer(s) {bad} are not")
+        counts = sorted({int(t.shape[-2]) for t in self.layers.values()})
+        if len(counts) > 1:
+            raise ValueError(f"Every prompted layer needs the same number of prompt tokens; got {counts}")
+        object.__setattr__(self, "layers", {int(i): self.layers[i] for i in sorted(self.layers)})
+
+    @classmethod
+    def consecutive(cls, tokens: Sequence[torch.Tensor], first_layer: int) -> DeepPrompts:
+        """``tokens[k]`` for layer ``first_layer + k`` (MaPLe's "compound prompts" start at layer 1)."""
+        return cls({first_layer + k: t for k, t in enumerate(tokens)})
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt tokens per layer (0 when no layer is prompted)."""
+        return int(next(iter(self.layers.values())).shape[-2]) if self.layers else 0
+
+
+def _sequence_first(tokens: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, d) or (N, n, d) tokens -> (n, batch, d) in ``like``'s dtype and device."""
+    tokens = tokens.to(device=like.device, dtype=like.dtype)
+    if tokens.dim() == 2:
+        return tokens.unsqueeze(1).expand(-1, batch, -1)
+    if tokens.shape[0] != batch:
+        raise ValueError(f"Per-sequence deep prompts hold {tokens.shape[0]} sets for a batch of {batch}")
+    return tokens.transpose(0, 1)
+
+
+# encoder -> the DeepPromptHandle installed on it (one at a time); entries die with the encoder.
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, DeepPromptHandle]" = weakref.WeakKeyDictionary()
+# Open ``recording_prompt_use`` blocks: (watched modules, handles seen prompting one of them).
+_USE_LOGS: list[tuple[set[nn.Module], list["DeepPromptHandle"]]] = []
+
+
+class DeepPromptHandle:
+    """Deep prompts installed on one encoder. ``remove()``, or leaving a ``with`` block, takes
+    them out; until then every forward of the encoder is prompted."""
+
+    def __init__(self, encoder: nn.Module, prompts: DeepPrompts, source: nn.Module | None) -> None:
+        # weak: ``_INSTALLED`` maps the encoder to this handle, which must not keep it alive
+        self._encoder = weakref.ref(encoder)
+        self.prompts = prompts
+        self.source = source  # the module the tokens are computed from, if any
+        self.hooks: list[RemovableHandle] = []
+
+    @property
+    def encoder(self) -> nn.Module | None:
+        return self._encoder()
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        encoder = self.encoder
+        if encoder is not None and _INSTALLED.get(encoder) is self:
+            del _INSTALLED[encoder]
+
+    def __enter__(self) -> DeepPromptHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def note_use(self) -> None:
+        """Tell open ``recording_prompt_use`` blocks that this handle prompted a forward."""
+        for watched, used in _USE_LOGS:
+            if self.encoder in watched and self not in used:
+                used.append(self)
+
+
+def prompt_site(encoder: nn.Module) -> str:
+    """``text`` or ``image``: where deep prompts go in ``encoder``; anything else is refused."""
+    if isinstance(encoder, TextEncoder):
+        return TEXT
+    if isinstance(encoder, VisionTransformer):
+        return IMAGE
+    if isinstance(encoder, ModifiedResNet):
+        raise ValueError("Deep vision prompts need a ViT image encoder: a ResNet CLIP has no transformer "
+                         "layers to prompt (MaPLe, PromptSRC and PromptAlign prompt ViT layers only)")
+    raise TypeError(f"Deep prompts go into a selftpt TextEncoder or a CLIP VisionTransformer, "
+                    f"not a {type(encoder).__name__}")
+
+
+def deep_prompts(encoder: nn.Module, prompts: DeepPrompts, source: nn.Module | None = None) -> DeepPromptHandle:
+    """Install ``prompts`` on ``encoder`` until the returned handle is removed.
+
+    ``with deep_prompts(model.text_encoder, text), deep_prompts(clip_model.visual, vision): ...``
+    prompts the forwards inside the block; gradients reach the tokens. Copy an encoder before
+    installing, not after: a deep copy would carry hooks that this handle cannot remove.
+
+    Args:
+        encoder: a ``TextEncoder`` or ``clip_model.visual`` (a ``VisionTransformer``).
+        prompts: the tokens per layer (module docstring: which positions, which layers).
+        source: the module the tokens were computed from (``PromptedImageEncoder`` passes its
+            prompt module), so the feature cache knows that a digest of it covers them.
+    """
+    site = prompt_site(encoder)
+    if encoder in _INSTALLED:
+        raise RuntimeError(f"This {type(encoder).__name__} already has deep prompts installed; remove them first")
+    blocks = encoder.transformer.resblocks
+    beyond = [i for i in prompts.layers if i >= len(blocks)]
+    if beyond:
+        raise ValueError(f"Deep prompts for layer(s) {beyond} of a {len(blocks)}-layer {site} transformer")
+    handle = DeepPromptHandle(encoder, prompts, source)
+    if prompts.n_tokens == 0:
+        return handle  # nothing to hook: CLIP's own forward, bit for bit
+    if site == TEXT:
+        _hook_text(handle, encoder)
+    else:
+        _hook_image(handle, encoder)
+    _INSTALLED[encoder] = handle
+    return handle
+
+
+def _hook_text(handle: DeepPromptHandle, encoder: TextEncoder) -> None:
+    layers = handle.prompts.layers
+    if 0 in layers:
+        raise ValueError("Text layer 0 takes no deep prompt: its prompt is the prompt embedding itself "
+                         "(the prompt learner's context); give layers >= 1")
+    first = min(layers)
+    start, n = TEXT_PROMPT_START, handle.prompts.n_tokens
+
+    def replace(layer: int, module: nn.Module, args: tuple, x: torch.Tensor) -> torch.Tensor:
+        if layer == first:
+            handle.note_use()
+        if start + n > x.shape[0]:
+            raise ValueError(f"{n} deep text prompt tokens after position {start} do not fit prompts "
+                             f"of {x.shape[0]} tokens (cut after the last end-of-text token)")
+        tokens = _sequence_first(layers[layer], x.shape[1], x)
+        return torch.cat([x[:start], tokens, x[start + n:]], dim=0)
+
+    for layer in layers:
+        handle.hooks.append(encoder.layer_inputs[layer].register_forward_hook(
+            lambda module, args, x, layer=layer: replace(layer, module, args, x)))
+
+
+def _hook_image(handle: DeepPromptHandle, encoder: VisionTransformer) -> None:
+    layers = handle.prompts.layers
+    if 0 not in layers:
+        raise ValueError("Deep vision prompts need layer 0's tokens: they are appended to the patch "
+                         "tokens there, and deeper layers replace them")
+    n = handle.prompts.n_tokens
+
+    def append(module: nn.Module, args: tuple) -> tuple[torch.Tensor]:
+        handle.note_use()
+        (x,) = args  # (N, L, D) batch-first, positional embedding already added
+        return (torch.cat([x, _sequence_first(layers[0], x.shape[0], x).transpose(0, 1)], dim=1),)
+
+    def replace(layer: int, module: nn.Module, args: tuple) -> tuple[torch.Tensor]:
+        (x,) = args  # (L, N, D) sequence-first, prompts last
+        return (torch.cat([x[:x.shape[0] - n], _sequence_first(layers[layer], x.shape[1], x)], dim=0),)
+
+    handle.hooks.append(encoder.ln_pre.register_forward_pre_hook(append))
+    for layer in layers:
+        if layer > 0:
+            handle.hooks.append(encoder.transformer.resblocks[layer].register_forward_pre_hook(
+                lambda module, args, layer=layer: replace(layer, module, args)))
+
+
+def installed_deep_prompts(module: nn.Module) -> list[tuple[str, DeepPromptHandle]]:
+    """(submodule name, handle) of the prompts installed on ``module`` or inside it."""
+    return [(name, _INSTALLED[m]) for name, m in module.named_modules() if m in _INSTALLED]
+
+
+def foreign_forward_hooks(module: nn.Module) -> list[str]:
+    """Names of the submodules of ``module`` with forward hooks that deep prompts did not install
+    (their effect on the outputs is unknown, so cached features cannot be trusted)."""
+    ours = {hook.id for handle in list(_INSTALLED.values()) for hook in handle.hooks}
+    # torch has no public listing of a module's hooks; these dicts are keyed by handle id.
+    return [name or type(module).__name__ for name, m in module.named_modules()
+            if set(m._forward_pre_hooks) - ours or set(m._forward_hooks) - ours]
+
+
+@contextlib.contextmanager
+def recording_prompt_use(module: nn.Module) -> Iterator[list[DeepPromptHandle]]:
+    """Collect, while the block runs, every handle whose prompts changed a forward of ``module``
+    or of one of its submodules, including handles installed and removed inside the block."""
+    entry: tuple[set[nn.Module], list[DeepPromptHandle]] = (set(module.modules()), [])
+    _USE_LOGS.append(entry)
+    try:
+        yield entry[1]
+    finally:
+        _USE_LOGS.remove(entry)
+
+
+class PromptedImageEncoder(nn.Module):
+    """CLIP's ViT with deep vision prompts computed by ``prompts()`` at every forward, as one module.
+
+    Every tensor the image features depend on is a parameter or buffer of this module (the
+    encoder's and the prompt module's), so the feature cache's digest of it covers the prompts:
+    a trainer returns this module, not ``visual``, from ``image_encoder_for_cache``.
+
+    Args:
+        visual: ``clip_model.visual``, shared, not copied.
+        prompts: a module whose ``forward()`` returns the ``DeepPrompts``; whatever the tokens
+            depend on must be its parameters, buffers or submodules.
+    """
+
+    def __init__(self, visual: VisionTransformer, prompts: nn.Module) -> None:
+        super().__init__()
+        prompt_site(visual)
+        self.visual = visual
+        self.prompts = prompts
+
+    @property
+    def output_dim(self) -> int:
+        return self.visual.output_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with deep_prompts(self.visual, self.prompts(), source=self.prompts):
+            return self.visual(images)
