@@ -24,14 +24,13 @@ import os
 import os.path as osp
 import pickle
 import random
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from selftpt.errors import DatasetError  # noqa: F401  (re-exported for the datasets)
-from selftpt.fsmode import chmod_file
+from selftpt.fsmode import atomic_write
 from selftpt.toolbox import Datum, DatasetBase, listdir_nohidden
 
 __all__ = [
@@ -72,20 +71,9 @@ SubsampleChoice = str  # "all" | "base" | "new"
 def atomic_write_bytes(data: bytes, path: str) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``,
     so an interrupted run never leaves a truncated file that later looks valid."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{osp.basename(path)}.", suffix=".tmp", dir=folder)
-    chmod_file(fd)  # mkstemp's 0600 -> the umask's mode: a shared $DATA stays readable to the group
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    with atomic_write(path, "wb", fsync=True) as f:  # fsync: a split file must survive a power cut
+        f.write(data)
 
 
 def atomic_write_json(obj: Any, path: str) -> None:
@@ -704,8 +692,8 @@ def load_or_create_fewshot(
     keys = tuple(index.entries)
 
     def problem_of(content: CacheContent) -> Optional[str]:
-        # ours records the split it was drawn from; CoOp's (and our old ones) do not, so for
-        # them membership in the current split is the test
+        # ours records the split it was drawn from; CoOp's (and the project's v1 files) do not,
+        # so for them membership in the current split is the test
         if content.origin == ORIGIN_OWN:
             if content.meta.get("split_sha256") != index.fingerprint:
                 return ("stale (drawn from another version of the split: its train/val lists "

@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
+from selftpt.fsmode import atomic_path
+
 from .catalog import CATALOG, SHA256, DatasetSpec, RemoteFile, get_spec
 from .common import DatasetError, split_problems
 from .fgvc_aircraft import read_aircraft_lists
@@ -160,9 +162,8 @@ def file_problems(remote: RemoteFile, path: str, num_classes: int) -> list[str]:
 
 def _install_copy(src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` atomically (temporary name in ``dst``'s folder + rename)."""
-    tmp = f"{dst}.part"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def download_files(

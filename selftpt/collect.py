@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -45,8 +46,11 @@ def canonical_dataset(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Run:
-    """One evaluated run (one seed of one setting)."""
+class FinishedRun:
+    """One evaluated run (one seed of one setting), as read back from its results file or log.
+
+    Not ``selftpt.sweep.Run``, which is a run the sweep plans to make.
+    """
 
     method: str
     dataset: str
@@ -86,7 +90,7 @@ class GroupKey:
 class Collection:
     """Runs found under the roots, and notes about what was skipped or suspicious."""
 
-    runs: list[Run] = field(default_factory=list)
+    runs: list[FinishedRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -127,9 +131,9 @@ def _int_or(value: str | None, default: int) -> int:
         return default
 
 
-def _run_from_results(path: Path) -> Run:
+def _run_from_results(path: Path) -> FinishedRun:
     rec = read_results(path)
-    return Run(
+    return FinishedRun(
         method=rec["method"],
         dataset=canonical_dataset(rec["dataset"]),
         subsample=rec["subsample_classes"],
@@ -147,8 +151,8 @@ def _run_from_results(path: Path) -> Run:
     )
 
 
-def _run_from_log(log: dassl_log.ParsedLog) -> Run | str:
-    """A Run, or the reason why the log gives none."""
+def _run_from_log(log: dassl_log.ParsedLog) -> FinishedRun | str:
+    """A FinishedRun, or the reason why the log gives none."""
     if log.metrics is None:
         state = "finished training but no test result" if log.finished else (
             "no test result" if log.eval_only else "training did not finish")
@@ -161,7 +165,7 @@ def _run_from_log(log: dassl_log.ParsedLog) -> Run | str:
         return f"{log.path}: cannot tell its method/dataset (no config block, unknown layout); skipped"
     subsample = cfg.get("DATASET.SUBSAMPLE_CLASSES") or path_fields.get("subsample", "all")
     metrics: dict[str, float | None] = {"macro_f1": None, "ece": None, **log.metrics}
-    return Run(
+    return FinishedRun(
         method=method,
         dataset=canonical_dataset(dataset),
         subsample=subsample,
@@ -196,5 +200,14 @@ def collect_runs(roots: Iterable[str | os.PathLike]) -> Collection:
             if log is None:
                 continue
             run = _run_from_log(dassl_log.parse_log(log))
-            (found.runs if isinstance(run, Run) else found.notes).append(run)
+            (found.runs if isinstance(run, FinishedRun) else found.notes).append(run)
     return found
+
+
+def __getattr__(name: str) -> Any:
+    # the old name, kept working for scripts that import it (ambiguous beside ``selftpt.sweep.Run``)
+    if name == "Run":
+        warnings.warn("selftpt.collect.Run is deprecated: use selftpt.collect.FinishedRun", DeprecationWarning,
+                      stacklevel=2)
+        return FinishedRun
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

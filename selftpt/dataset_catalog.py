@@ -85,7 +85,7 @@ DATASETS: tuple[DatasetInfo, ...] = (
     _paper("DescribableTextures", "dtd", "{} texture.", roles=("base2new", "xd")),
     _paper("EuroSAT", "eurosat", "a centered satellite photo of {}.", roles=("base2new", "xd")),
     _paper("UCF101", "ucf101", "a photo of a person doing {}.", roles=("base2new", "xd")),
-    # CoOp's config was imagenetv2.yaml; imagenet_v2 matches the other variants' stems
+    # CoOp names the config imagenetv2.yaml (accepted as an alias); imagenet_v2 matches the other variants' stems
     _paper("ImageNetV2", "imagenet_v2", renamed_from=("imagenetv2",), roles=("dg",)),
     _paper("ImageNetSketch", "imagenet_sketch", roles=("dg",)),
     _paper("ImageNetA", "imagenet_a", roles=("dg",)),

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 
 from selftpt.deep_prompts import foreign_forward_hooks, installed_deep_prompts, recording_prompt_use
-from selftpt.fsmode import chmod_file
+from selftpt.fsmode import atomic_write
 
 # What ``encode_images`` returns: L2-normalised CLIP image-encoder outputs, in the model dtype.
 FEATURES_VERSION = 1
@@ -201,17 +200,9 @@ class FeatureCache:
         features, labels = features.detach().cpu().contiguous(), labels.detach().cpu().contiguous()
         entry = {"format": ENTRY_FORMAT, "key": key, "num_images": int(features.shape[0]),
                  "features": features, "labels": labels, "sha256": _payload_checksum(features, labels)}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.stem}.", suffix=".tmp")
-        chmod_file(fd)  # mkstemp's 0600 -> the umask's mode: a shared cache stays readable
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(entry, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # fsync: after a power cut the entry is the old or the complete new one, not a torn file
+        with atomic_write(path, fsync=True) as f:
+            torch.save(entry, f)
         return path
 
 

@@ -54,14 +54,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from selftpt.fsmode import chmod_file
+from selftpt.fsmode import temp_file_beside
 
 SCHEMA_VERSION = 1
 RESULTS_FILENAME = "results.json"
@@ -332,8 +331,8 @@ def write_results(output_dir: str | os.PathLike, record: Mapping[str, Any]) -> P
     if path.exists():
         raise FileExistsError(refusal)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_FILENAME}.", suffix=".tmp", dir=directory)
-    chmod_file(fd)  # mkstemp's 0600 -> the umask's mode: results on a shared root stay readable
+    # not fsmode.atomic_write, which replaces the target: published by a hard link, which never does
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2, allow_nan=False)

@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 from tabulate import tabulate
 
-from selftpt.collect import DATASET_ORDER, GroupKey, Run, canonical_dataset
+from selftpt.collect import DATASET_ORDER, FinishedRun, GroupKey, canonical_dataset
 from selftpt.protocols import PROTOCOLS
 from selftpt.published import ACCURACY_KIND, BASE2NEW_KINDS, CellQuery, Entry, Reference, squash_backbone
 from selftpt.trainer_facts import table_rank
@@ -142,7 +142,7 @@ class Table:
     refs: list[CellRef] = field(default_factory=list)  # measured cells (for --reference)
 
 
-def method_ranker(runs: Sequence[Run]) -> Callable[[str], tuple]:
+def method_ranker(runs: Sequence[FinishedRun]) -> Callable[[str], tuple]:
     """Sort key of a row by its display name: each row follows the trainer that produced its
     runs, in the registered trainers' ``TABLE_ORDER`` (``selftpt.trainer_facts.table_rank``);
     rows of unregistered trainers (or all rows, when nothing is registered) come after,
@@ -177,7 +177,7 @@ def _std_name(ddof: int) -> str:
         "sample std (ddof=1)"
 
 
-def _caption(runs: Sequence[Run], seeds: Sequence[int] | None, ddof: int, extra: str) -> str:
+def _caption(runs: Sequence[FinishedRun], seeds: Sequence[int] | None, ddof: int, extra: str) -> str:
     seed_text = ", ".join(map(str, seeds)) if seeds is not None else "all seeds found"
     backbones = ", ".join(sorted({r.backbone or "?" for r in runs}))
     return (
@@ -198,7 +198,7 @@ def _record(table: str, key_fields: dict, metric: str, cell: Cell) -> dict:
     }
 
 
-def _seed_values(runs: Sequence[Run], metric: str) -> dict[GroupKey, dict[int, float]]:
+def _seed_values(runs: Sequence[FinishedRun], metric: str) -> dict[GroupKey, dict[int, float]]:
     grouped: dict[GroupKey, dict[int, float]] = defaultdict(dict)
     for run in runs:
         value = run.metrics.get(metric)
@@ -207,12 +207,12 @@ def _seed_values(runs: Sequence[Run], metric: str) -> dict[GroupKey, dict[int, f
     return grouped
 
 
-def _variants(runs: Sequence[Run], method_rank: Callable[[str], tuple]) -> list[Variant]:
+def _variants(runs: Sequence[FinishedRun], method_rank: Callable[[str], tuple]) -> list[Variant]:
     return sorted({Variant(r.method, r.backbone, r.shots) for r in runs},
                   key=lambda v: (method_rank(v.method), v))
 
 
-def _base2new_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None, ddof: int,
+def _base2new_table(title: str, runs: Sequence[FinishedRun], seeds: Sequence[int] | None, ddof: int,
                     ece: bool, method_rank: Callable[[str], tuple]) -> Table:
     variants = _variants(runs, method_rank)
     labels = _labels(variants)
@@ -266,7 +266,7 @@ def _base2new_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None
     return table
 
 
-def _accuracy_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None, ddof: int,
+def _accuracy_table(title: str, runs: Sequence[FinishedRun], seeds: Sequence[int] | None, ddof: int,
                     metric: str, source: str | None,
                     method_rank: Callable[[str], tuple]) -> Table:
     variants = _variants(runs, method_rank)
@@ -301,9 +301,9 @@ def _accuracy_table(title: str, runs: Sequence[Run], seeds: Sequence[int] | None
     return table
 
 
-def _consistency_notes(runs: Sequence[Run], seeds: Sequence[int] | None) -> list[str]:
+def _consistency_notes(runs: Sequence[FinishedRun], seeds: Sequence[int] | None) -> list[str]:
     notes = []
-    by_key: dict[GroupKey, list[Run]] = defaultdict(list)
+    by_key: dict[GroupKey, list[FinishedRun]] = defaultdict(list)
     for run in runs:
         by_key[run.key].append(run)
     for key, group in sorted(by_key.items()):
@@ -320,9 +320,9 @@ def _consistency_notes(runs: Sequence[Run], seeds: Sequence[int] | None) -> list
     return notes
 
 
-def dedupe_runs(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+def dedupe_runs(runs: Sequence[FinishedRun]) -> tuple[list[FinishedRun], list[str]]:
     """One run per (group, seed): a results file beats a log, then the newest file wins."""
-    chosen: dict[tuple[GroupKey, int], Run] = {}
+    chosen: dict[tuple[GroupKey, int], FinishedRun] = {}
     notes = []
     for run in runs:
         slot = (run.key, run.seed)
@@ -341,7 +341,7 @@ def dedupe_runs(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
 
 
 def build_tables(
-    runs: Sequence[Run],
+    runs: Sequence[FinishedRun],
     seeds: Sequence[int] | None = DEFAULT_SEEDS,
     ddof: int = 0,
     ece: bool = False,
@@ -368,7 +368,7 @@ def build_tables(
         rank = method_ranker(runs)
     notes += _consistency_notes(runs, seeds)
     tables: list[Table] = []
-    parts: dict[tuple[str, str, bool], list[Run]] = defaultdict(list)
+    parts: dict[tuple[str, str, bool], list[FinishedRun]] = defaultdict(list)
     for run in runs:
         parts[(run.protocol, run.split, run.subsample in ("base", "new"))].append(run)
     order = sorted(parts, key=lambda p: (_PROTOCOL_ORDER.index(p[0]) if p[0] in _PROTOCOL_ORDER
@@ -394,7 +394,7 @@ _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{
                   "\\": r"\textbackslash{}", "Δ": r"$\Delta$", "†": r"$^\dagger$"}
 
 
-def gradient_alignment_table(runs: Sequence[Run], ddof: int = 0,
+def gradient_alignment_table(runs: Sequence[FinishedRun], ddof: int = 0,
                              methods: Sequence[str] | None = None) -> Table | None:
     """cos(grad L_cpt, grad L_ce) on the context per training epoch (Self-TPT's diagnostic, the
     paper's gradient-alignment figure), per method: mean ± std over every training run found

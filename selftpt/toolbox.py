@@ -1,8 +1,12 @@
-"""The single place that imports the Dassl toolbox names.
+"""The backend switch: Dassl's toolbox names (registries, configs, trainer loop, data,
+checkpoints) from real Dassl or from the built-in engine, chosen once per process.
 
-Trainers and datasets take every Dassl name from here, never from ``dassl`` directly, so
-that the same code runs on a real Dassl install (``pip install -e Dassl.pytorch``) and,
-where Dassl is absent, on the project's own Dassl-compatible engine (``selftpt.engine``).
+This is the single place that imports them. Trainers and datasets take every Dassl name from
+here, never from ``dassl`` directly, so that the same code runs on a real Dassl install
+(``pip install -e Dassl.pytorch``) and, where Dassl is absent, on the project's own
+Dassl-compatible engine (``selftpt.engine``). It is named after Dassl's word for these names;
+``selftpt.trainer_facts`` finds the registry as ``sys.modules["selftpt.toolbox"]``, and every
+trainer, dataset and test imports it by that name.
 
 Backend choice: the environment variable ``SELFTPT_BACKEND`` = ``auto`` (default: real
 Dassl when it imports, else the engine, with a warning if Dassl is installed but broken),

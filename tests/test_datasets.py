@@ -596,7 +596,7 @@ def test_files_of_earlier_versions_under_coops_names_are_moved_out_of_its_way(tm
     _old_project_file(old_listing, {"train": triples(full_in.train_x, imagenet_dir),
                                     "test": triples(full_in.test, imagenet_dir)}, dataset="ImageNet")
     with pytest.raises(AttributeError, match="'list' object has no attribute 'label'"):
-        L.coop_load(old_fewshot, Datum, ("train", "val"))  # the bug, as CoOp users saw it
+        L.coop_load(old_fewshot, Datum, ("train", "val"))  # what CoOp does with such a file
 
     capsys.readouterr()
     ds = load(tmp_path, "DescribableTextures", shots=2, seed=1)

@@ -343,7 +343,7 @@ def test_wrong_fashion_mnist_env_path_is_an_error_naming_it(tmp_path, monkeypatc
     wrong = tmp_path / "no_such_folder"
     monkeypatch.setenv(fashion.ENV_VAR, str(wrong))
     with pytest.raises(fashion.FashionMNISTUnavailable) as caught:
-        fashion.locate()  # before: silently passed over for Debian's copy
+        fashion.locate()  # a wrong path is reported, never silently replaced by Debian's copy
     message = str(caught.value)
     assert str(wrong) in message and "$SELFTPT_FASHION_MNIST is set" in message
     partial = tmp_path / "partial"
@@ -419,7 +419,7 @@ def test_generated_benchmark_follows_the_umask(tiny_world, tmp_path, umask):
     spec, _ = tiny_world
     umask(0o002)
     folder = mat.materialize(spec.name, tmp_path, verbose=False)
-    assert _mode(folder) == 0o775  # before: mkdtemp's 0700, unreadable to the group on a shared root
+    assert _mode(folder) == 0o775  # not mkdtemp's 0700, which the group could not read on a shared root
     assert _mode(folder / mat.META_FILE) == 0o664 and _mode(folder / "images") == 0o775
 
 
@@ -442,7 +442,7 @@ def test_temp_folder_of_a_killed_generation_is_removed_by_the_next(tiny_world, t
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(f".{spec.dataset_dir}.tmp-")
     mat.materialize(spec.name, tmp_path, verbose=False)
-    assert [p.name for p in tmp_path.iterdir()] == [spec.dataset_dir]  # before: the .tmp- folder stayed forever
+    assert [p.name for p in tmp_path.iterdir()] == [spec.dataset_dir]  # the killed one's .tmp- folder is gone
 
 
 def test_temp_folders_of_live_processes_and_other_hosts_are_kept(tiny_world, tmp_path):

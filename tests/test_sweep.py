@@ -383,7 +383,7 @@ def test_script_paths_are_the_callers_and_changed_settings_stop_it_before_the_ta
         assert command.endswith(f"bash {script}") and f" OUTPUT={caller / name} " in command
         assert f" DATA={caller / 'rel-data'} " in command and " SEEDS=1 " in command
     finally:
-        if (REPO / name).exists():  # where the relative OUTPUT went before the fix
+        if (REPO / name).exists():  # a relative OUTPUT taken from the repository, not the caller's folder
             import shutil
             shutil.rmtree(REPO / name)
     assert not (REPO / name).exists()

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from selftpt.efficiency.measure import measure_cache_sweep, measure_method, measure_paired
+from selftpt.fsmode import atomic_write
 
 log = logging.getLogger("selftpt.efficiency")
 
@@ -42,9 +43,8 @@ def worker_main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     result = run_job(job)
-    tmp = Path(result_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    os.replace(tmp, result_path)
+    with atomic_write(result_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(result, indent=1))
     return 0
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from selftpt.efficiency.methods import load_settings
 from selftpt.efficiency.targets import fmt_speed
+from selftpt.fsmode import atomic_write
 from selftpt.plots import EFFICIENCY_SCHEMA
 
 SCHEMA_KEYS = ("images_per_s", "peak_mem_mb", "one_time_s")
@@ -77,6 +77,5 @@ def target_lines(obj: dict) -> list[str]:
 def write_json(obj: dict, path: Path) -> None:
     """Write ``obj`` atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2))

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from selftpt.fsmode import atomic_write
 from selftpt.toolbox import DATASET_REGISTRY, DatasetBase, Datum
 
 SYNTHETIC_DATASET = "EfficiencySynthetic"
@@ -67,7 +68,6 @@ def write_synthetic_dataset(root: str | os.PathLike, num_classes: int, num_image
         images.append(name)
     spec = {"params": wanted, "classnames": [f"synthetic object {c}" for c in range(num_classes)],
             "images": images}
-    tmp = spec_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(spec), encoding="utf-8")
-    os.replace(tmp, spec_path)  # written last: a spec always describes complete images
+    with atomic_write(spec_path, "w", encoding="utf-8") as f:  # written last: a spec always describes complete images
+        f.write(json.dumps(spec))
     return root

@@ -13,16 +13,15 @@ import os.path as osp
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from selftpt.fsmode import chmod_file
+from selftpt.fsmode import atomic_write
 
 from .utils import mkdir_if_missing
 
@@ -91,21 +90,6 @@ def _damage_reason(exc: RuntimeError) -> Optional[str]:
     return message.split(". This is an internal")[0].strip().splitlines()[0]
 
 
-def _atomic_write(fpath: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the temp file onto ``fpath`` in one step."""
-    folder = osp.dirname(osp.abspath(fpath))
-    fd, tmp = tempfile.mkstemp(prefix=f".{osp.basename(fpath)}.", suffix=".tmp", dir=folder)
-    chmod_file(fd)  # mkstemp's 0600 -> the umask's mode, as Dassl's plain torch.save gives
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, fpath)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _strip_module_prefix(state_dict: dict) -> "OrderedDict[str, Any]":
     """Drop the ``module.`` prefix that ``nn.DataParallel`` adds to keys."""
     return OrderedDict(
@@ -166,18 +150,16 @@ def save_checkpoint(
 
     fname = model_name or f"model.pth.tar-{state['epoch']}"
     fpath = osp.join(save_dir, fname)
-    _atomic_write(fpath, lambda tmp: torch.save(state, tmp))
+    with atomic_write(fpath) as f:
+        torch.save(state, f)
     print(f"Checkpoint saved to {fpath}")
-
-    def write_pointer(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(f"{fname}\n")
-
-    _atomic_write(osp.join(save_dir, "checkpoint"), write_pointer)
+    with atomic_write(osp.join(save_dir, "checkpoint"), "w") as f:
+        f.write(f"{fname}\n")
 
     if is_best:
         best_fpath = osp.join(save_dir, "model-best.pth.tar")
-        _atomic_write(best_fpath, lambda tmp: torch.save(state, tmp))
+        with atomic_write(best_fpath) as f:
+            torch.save(state, f)
         print(f'Best checkpoint saved to "{best_fpath}"')
     return fpath
 
