@@ -46,6 +46,16 @@ Environment (defaults in brackets; relative paths are relative to your current d
             the newest), replace = move each aside (.seed1.replaced-<time>, out of the tables)
             and run again in its folder [unset: list them and stop before running anything]
   TABLE     print the closing table (1) or not (0) [1]
+  LAUNCHER  local = worker processes on this machine; slurm = one SLURM job per chain (a training
+            run and its tests), submitted as a job array through submitit (pip install -e ".[slurm]");
+            the script waits for the jobs and prints the table [local]
+  DRY_RUN   1 = print what would run (or be submitted) and stop [0]
+
+On SLURM (LAUNCHER=slurm), each job asks for (unset: the cluster's defaults):
+$("$PY" -c 'from selftpt.slurm import describe_help; print(describe_help())' 2>/dev/null \
+   || echo "  (see selftpt/slurm.py)")
+Finished runs are skipped before submitting; a job preempted or out of time is requeued and
+resumes from its checkpoints; a job that fails is named with its SLURM id and log.
 
 Runs held by another sweep over the same OUTPUT are left to it (and listed); Ctrl-C stops every
 run, each resumes where it was when the same command is run again.
@@ -56,7 +66,9 @@ USAGE
 # settings given (paths already absolute), the script, its arguments.
 sweep_command() {
   local cmd="" var
-  for var in PYTHON SELFTPT_DATA DATA DATASETS SOURCE SEEDS SHOTS BACKBONE CFG OUTPUT PROMPTS_FROM JOBS TABLE; do
+  for var in PYTHON SELFTPT_DATA DATA DATASETS SOURCE SEEDS SHOTS BACKBONE CFG OUTPUT PROMPTS_FROM JOBS TABLE \
+             LAUNCHER SUBMIT_CONFIG SUBMIT_PARTITION SUBMIT_TIME SUBMIT_GPUS SUBMIT_CPUS SUBMIT_MEM SUBMIT_ACCOUNT \
+             SUBMIT_QOS SUBMIT_ARRAY_PARALLELISM SUBMIT_SBATCH SUBMIT_SETUP; do
     if [ -n "${!var+x}" ]; then cmd+="$var=$(printf '%q' "${!var}") "; fi
   done
   printf '%sbash %q' "$cmd" "$0"
@@ -83,6 +95,7 @@ run_protocol() {
     ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
     ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-0}" ${BACKBONE:+--backbone "$BACKBONE"} \
     ${PROMPTS_FROM:+--prompts-from "$PROMPTS_FROM"} ${change[@]+"${change[@]}"} --command "$command" \
+    --launcher "${LAUNCHER:-local}" $([ "${DRY_RUN:-0}" = 1 ] && echo --dry-run) \
     -- "$@" || status=$?
   case "$status" in
     130)  # Ctrl-C: no table; end as interrupted too, so that a calling script stops as well
@@ -92,7 +105,7 @@ run_protocol() {
     143) exit 143 ;;  # SIGTERM
     3) return 3 ;;  # changed settings, nothing ran: a table of the old runs would only mislead
   esac
-  if [ "${TABLE:-1}" = 1 ]; then
+  if [ "${TABLE:-1}" = 1 ] && [ "${DRY_RUN:-0}" != 1 ]; then
     # shellcheck disable=SC2086
     "$PY" parse_results.py "$output/$PROTOCOL" --seeds ${SEEDS:-1 2 3} || true
   fi

@@ -70,8 +70,14 @@ from typing import Any, Callable, Mapping, Sequence
 from selftpt import dataset_catalog, protocols
 from selftpt.cli import user_errors
 from selftpt.errors import UserError
-from selftpt.results import (RESULTS_FILENAME, ResultsFileError, TornResultsError, config_differences,
-                             config_digest, read_results)
+from selftpt.results import (
+    RESULTS_FILENAME,
+    ResultsFileError,
+    TornResultsError,
+    config_differences,
+    config_digest,
+    read_results,
+)
 from selftpt.trainer_facts import registered_trainers, trainer_class
 
 REPO = Path(__file__).resolve().parents[1]
@@ -638,13 +644,13 @@ def _worker(conn: Connection, device: str | None, threads: int, sweep_pid: int, 
         _send(conn, "ready")
         while (job := conn.recv()) is not None:
             sweep, steps = job
-            _run_chain(sweep, steps, lambda *message: _send(conn, *message), sweep_pid)
+            run_chain(sweep, steps, lambda *message: _send(conn, *message), sweep_pid)
             _send(conn, "idle")
     except (_Stopped, EOFError, BrokenPipeError, ConnectionResetError):
         pass  # stopped by the launcher, or the launcher is gone
 
 
-def _run_chain(sweep: Sweep, steps: list[tuple[int, Step]], report: Callable[..., None],
+def run_chain(sweep: Sweep, steps: list[tuple[int, Step]], report: Callable[..., None],
                sweep_pid: int) -> None:
     """Run the steps of one chain in order, in this worker process.
 
@@ -786,7 +792,8 @@ class _Launcher:
         slot.ended.add(index)
         slot.running = None
         if kind == "stopped" and not self.stopping:  # SIGTERM from elsewhere, not from this launcher
-            kind, text, slot.broken = "died", "FAILED: its worker was stopped by a SIGTERM from outside this sweep", True
+            kind, slot.broken = "died", True
+            text = "FAILED: its worker was stopped by a SIGTERM from outside this sweep"
         self.counts[kind] += 1
         if kind not in ("blocked", "stopped"):  # those are summed up at the end
             self._line(step, text)
@@ -883,7 +890,8 @@ class _Launcher:
             chain, steps = self.work[slot.chain]
             left = [i for i, _ in steps if i not in slot.ended]
             if left and not slot.broken:
-                how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                killed = code is not None and code < 0
+                how = f"killed by {signal.Signals(-code).name}" if killed else f"exit code {code}"
                 hint = ", e.g. out of memory" if code == -signal.SIGKILL else ""
                 where = "" if slot.running is not None else " before it started this run"
                 self.counts["died"] += 1
@@ -948,21 +956,27 @@ class _Launcher:
                 slot.process = None
 
     def _summary(self) -> int:
-        """One closing line when something was left undone; the exit code."""
-        failed, changed, held = self.counts["failed"] + self.counts["died"], self.counts["changed"], self.counts["held"]
-        blocked = self.counts["blocked"]
-        if not (failed or changed or held or blocked):
-            return 0
-        parts = [f"{n} {what}" for n, what in ((failed, "failed"), (changed, "changed meanwhile"),
-                                               (held, "held by another process, left to it"),
-                                               (blocked, "not started (they need one of those)")) if n]
-        print(f"sweep incomplete: {', '.join(parts)} (above); when that is dealt with, rerun: {self.resume}",
-              file=sys.stderr, flush=True)
-        return EXIT_FAILED if failed or not (changed or held) else EXIT_CHANGED if changed else EXIT_HELD
+        return summarize(self.counts, self.resume)
+
+
+def summarize(counts: Mapping[str, int], resume: str) -> int:
+    """The exit code of a sweep whose runs ended as ``counts`` (kind -> runs), with one closing
+    line when something was left undone; the same for every launcher."""
+    failed, changed, held = counts.get("failed", 0) + counts.get("died", 0), counts.get("changed", 0), \
+        counts.get("held", 0)
+    blocked = counts.get("blocked", 0)
+    if not (failed or changed or held or blocked):
+        return 0
+    parts = [f"{n} {what}" for n, what in ((failed, "failed"), (changed, "changed meanwhile"),
+                                           (held, "held by another process, left to it"),
+                                           (blocked, "not started (they need one of those)")) if n]
+    print(f"sweep incomplete: {', '.join(parts)} (above); when that is dealt with, rerun: {resume}",
+          file=sys.stderr, flush=True)
+    return EXIT_FAILED if failed or not (changed or held) else EXIT_CHANGED if changed else EXIT_HELD
 
 
 def execute(sweep: Sweep, jobs: int = 0, plan: list[list[Step]] | None = None, resume: str = "",
-            modules: Sequence[str] = ()) -> int:
+            modules: Sequence[str] = (), launcher: str = "local", dry_run: bool = False) -> int:
     """Run a planned sweep (default: planned now, stopping at changed runs) in ``jobs`` worker
     processes, each importing ``modules`` (those that register trainers and datasets) first;
     print one line per run; return the exit code.
@@ -972,16 +986,59 @@ def execute(sweep: Sweep, jobs: int = 0, plan: list[list[Step]] | None = None, r
     than over threads).
     """
     plan = plan_sweep(sweep) if plan is None else plan
+    if launcher not in LAUNCHERS:
+        raise UserError(f"unknown launcher {launcher!r}; choose {' or '.join(LAUNCHERS)} (LAUNCHER=...)")
+    return LAUNCHERS[launcher](sweep, plan, jobs, resume or "the same command", modules, dry_run)
+
+
+def run_local(sweep: Sweep, plan: list[list[Step]], jobs: int, resume: str, modules: Sequence[str],
+              dry_run: bool = False) -> int:
+    """The ``local`` launcher: the chains in a pool of worker processes on this machine."""
+    if dry_run:
+        print(f"{sweep.protocol}: {sweep.trainer}/{sweep.cfg}, would run locally:")
+        for chain in plan:
+            for step in chain:
+                print(f"  {step.action}: {step.folder.relative_to(sweep.output)}")
+        return 0
     # torch (to count GPUs) only when something runs: a finished sweep reports in a second
     devices = visible_devices() if any(step.action != "skip" for chain in plan for step in chain) else []
     if jobs <= 0:  # auto: one worker per GPU, else one per CPU core
         jobs = len(devices) or os.cpu_count() or 1
-    launcher = _Launcher(sweep, plan, jobs, devices, resume or "the same command", modules)
+    pool = _Launcher(sweep, plan, jobs, devices, resume, modules)
+    print(f"{sweep.protocol}: {sweep.trainer}/{_configs(sweep, plan)}, {pool.total} runs in {len(plan)} chains, "
+          f"{len(pool.slots)} at a time{f' on GPUs {devices}' if devices else ' on CPU'}", flush=True)
+    return pool.run()
+
+
+def run_on_slurm(sweep: Sweep, plan: list[list[Step]], jobs: int, resume: str, modules: Sequence[str],
+                 dry_run: bool = False) -> int:
+    """The ``slurm`` launcher: one SLURM job per chain with work left, as one job array
+    (``selftpt.slurm``; its settings from ``SUBMIT_*`` variables). ``jobs`` is the cluster's
+    business here (``SUBMIT_ARRAY_PARALLELISM``)."""
+    from selftpt import slurm
+
+    settings = slurm.read_settings()  # SlurmError (one line) before anything is submitted
+    total = sum(len(chain) for chain in plan)
+    print(f"{sweep.protocol}: {sweep.trainer}/{_configs(sweep, plan)}, {total} runs in {len(plan)} chains, "
+          "on SLURM", flush=True)
+    skipped = [step for chain in plan for step in chain if step.action == "skip"]
+    for step in skipped:
+        print(f"skipped (finished): {step.folder.relative_to(sweep.output)}", flush=True)
+    outcome = slurm.submit(sweep, plan, settings, modules, dry_run=dry_run)
+    if outcome is None:  # dry run
+        return 0
+    for line in outcome.failures:
+        print(line, file=sys.stderr, flush=True)
+    return summarize(outcome.counts, resume)
+
+
+def _configs(sweep: Sweep, plan: list[list[Step]]) -> str:
     stems = sorted({step.run.cfg for chain in plan for step in chain})
-    cfg = sweep.cfg if stems == [sweep.cfg] else f"{sweep.cfg} (configs {', '.join(stems)})"
-    print(f"{sweep.protocol}: {sweep.trainer}/{cfg}, {launcher.total} runs in {len(plan)} chains, "
-          f"{len(launcher.slots)} at a time{f' on GPUs {devices}' if devices else ' on CPU'}", flush=True)
-    return launcher.run()
+    return sweep.cfg if stems == [sweep.cfg] else f"{sweep.cfg} (configs {', '.join(stems)})"
+
+
+# How a sweep's chains run: the one place a launcher is chosen (a new one is a function here).
+LAUNCHERS: dict[str, Callable[..., int]] = {"local": run_local, "slurm": run_on_slurm}
 
 
 # --------------------------------------------------------------------------- command line
@@ -1005,6 +1062,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-from", default="",
                    help="<Trainer>/<cfg or plan> whose trained prompts a training-free method starts from, e.g. "
                         "CoOp/bench for TPT+CoOp (that sweep must have run in the same --output)")
+    p.add_argument("--launcher", default="local", choices=tuple(LAUNCHERS),
+                   help="where the chains run: local (worker processes here) or slurm (one SLURM job per "
+                        "chain, as a job array; settings from SUBMIT_* variables, see selftpt/slurm.py) [local]")
+    p.add_argument("--dry-run", action="store_true", help="print what would run (or be submitted), run nothing")
     p.add_argument("--jobs", type=int, default=0,
                    help="worker processes; 0 = one per GPU, else one per CPU core [0]")
     change = p.add_mutually_exclusive_group()
@@ -1115,7 +1176,7 @@ def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str], m
         print(f"  or move the old ones aside (.<folder>.replaced-<time>, out of the tables) and run them again "
               f"in place: {choose('replace')}", file=sys.stderr)
         return EXIT_CHANGED
-    return execute(sweep, args.jobs, plan, resume, modules)
+    return execute(sweep, args.jobs, plan, resume, modules, args.launcher, args.dry_run)
 
 
 if __name__ == "__main__":
