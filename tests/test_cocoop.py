@@ -118,3 +118,17 @@ def test_one_epoch_at_batch_1_with_the_shipped_config(tiny_data_root, tiny_clip_
     trainer.train()  # 6 images at batch 1 with the constant warm-up epoch, then test on base classes
     assert (tmp_path / "run" / "prompt_learner" / "model.pth.tar-1").is_file()
     assert trainer.test_result["num_images"] == 12
+
+
+def test_each_images_context_is_the_shared_context_plus_its_meta_net_shift(tiny_data_root, tiny_clip_path,
+                                                                           tmp_path):
+    """ctx_i = ctx + meta_net(f(x_i)) (CoCoOp, eq. 2): the sign matters for CoCoOp's released weights."""
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path)
+    learner = trainer.model.prompt_learner
+    images = next(iter(trainer.test_loader))["img"][:2]
+    with torch.no_grad():
+        features = trainer.model.encode_image(images)
+        contexts = learner.conditional_context(features)
+        shift = learner.meta_net(features.float())
+    assert shift.abs().max() > 0
+    torch.testing.assert_close(contexts, learner.ctx.unsqueeze(0) + shift.unsqueeze(1), rtol=0, atol=1e-6)

@@ -52,6 +52,30 @@ def test_supcon_refuses_a_single_class():
         supervised_contrastive_loss(z, torch.zeros(4, dtype=torch.long))
 
 
+def test_supcon_default_temperature_is_007_and_two_classes_suffice():
+    z = F.normalize(torch.tensor([[1.0, 0.2], [0.9, 0.5], [-0.3, 1.0], [0.1, 0.8], [0.6, 0.6]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 0])  # exactly two classes; class 0 has two positives per anchor
+    expected = _supcon_by_hand(z.tolist(), labels.tolist(), 0.07)
+    assert supervised_contrastive_loss(z, labels).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_supcon_of_half_features_is_computed_in_fp32():
+    z = F.normalize(torch.tensor([[1.0, 0.2], [0.9, 0.5], [-0.3, 1.0], [0.1, 0.8], [0.7, -0.7]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    got = supervised_contrastive_loss(z.half(), labels, temperature=0.07)
+    assert got.dtype == torch.float32
+    expected = _supcon_by_hand(z.half().float().tolist(), labels.tolist(), 0.07)
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_supcon_refusals_say_what_is_missing():
+    z = F.normalize(torch.randn(4, 3), dim=-1)
+    with pytest.raises(ValueError, match=r"^The contrastive CPT loss needs at least two classes \(negatives\)"):
+        supervised_contrastive_loss(z, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^The contrastive CPT loss needs at least two views per class"):
+        supervised_contrastive_loss(z, torch.arange(4))  # four classes, one view each: no positive
+
+
 def test_gradient_matching_gradient_matches_hand_derivation():
     # L_cpt(c) = 0.5 c^T A c  =>  g = A c ;  L_gm = 1 - cos(g, e)
     # dL_gm/dc = -A^T [ e / (|g||e|) - cos(g, e) g / |g|^2 ]

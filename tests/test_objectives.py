@@ -193,8 +193,16 @@ def test_selftpt_step_applies_the_gradient_of_the_documented_loss(seeded_ema, ti
             part = torch.autograd.grad(term, ctx, retain_graph=True)[0]
             assert part.norm() > 1e-2 * expected[0].norm()
 
+    with torch.no_grad():
+        text = trainer.model.text_features(node.CLASS_TOKEN_POSITION)
+        predicted = (trainer.model.encode_image(images) @ text.t()).argmax(dim=1)
+    accuracy = 100.0 * (predicted == labels).float().mean().item()
     steps = record_optimiser_steps(trainer, monkeypatch)
     summary = trainer.forward_backward(batch)
+    # the training log: each term before the step, and the batch accuracy in percent
+    assert summary["loss_ce"] == pytest.approx(l_ce.item(), rel=1e-5)
+    assert summary["loss_cpt"] == pytest.approx(l_cpt.item(), rel=1e-5)
+    assert summary["acc"] == pytest.approx(accuracy)
     assert len(calls) == 1 and set(calls[0].tolist()) == set(labels.tolist())  # sampled around the batch's classes
     (ctx_grad,), = steps["prompt_learner"]
     head_grads, = steps["cpt_head"]
@@ -389,12 +397,16 @@ def test_one_training_step_is_an_sgd_step_on_the_cross_entropy(kind, opts, tiny_
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert "prompt_learner.ctx" in params
     assert kind == "CoOp" or any(n.startswith("prompt_learner.meta_net") for n in params)
-    loss = F.cross_entropy(trainer.model(images), labels)
+    logits = trainer.model(images)
+    loss = F.cross_entropy(logits, labels)
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
     unused = [n for n, g in grads.items() if g is None or not g.abs().max() > 0]
     assert not unused, f"the cross-entropy does not reach {unused}"
     before = {n: p.detach().clone() for n, p in params.items()}
-    trainer.forward_backward(batch)
+    summary = trainer.forward_backward(batch)
+    # what the training log shows: the batch's CE before the step and its accuracy in percent
+    assert summary["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert summary["acc"] == pytest.approx(100.0 * (logits.argmax(dim=1) == labels).float().mean().item())
     for name, p in params.items():
         update = p.detach() - before[name]
         expected = -optim_cfg.LR * (grads[name] + optim_cfg.WEIGHT_DECAY * before[name])
@@ -440,3 +452,216 @@ def test_odd_context_lengths_render_coops_layouts(n_ctx, position, tiny_clip):
             assert int((prompt == ctx[i]).all(dim=-1).sum()) == 1  # exactly once
         assert torch.equal(prompt[eot - 1:], embed[ids[eot - 1:]])  # ". [EOS] pad" in place
         assert int((prompt == embed[EOT_TOKEN]).all(dim=-1).sum()) == 1
+
+
+# ------------------------------------------------------------------ evaluation on many classes
+@pytest.mark.parametrize("kind, opts", [
+    ("CoOp", ()),
+    ("SelfTPT", ("TRAINER.SELFTPT.TTA", "False")),
+    ("SelfTPT", ("TRAINER.SELFTPT.TTA", "False", "TRAINER.SELFTPT.CLS_VIEW", "mean")),
+])
+def test_evaluation_text_features_cover_a_class_set_larger_than_one_chunk(kind, opts, tiny_data_root,
+                                                                          tiny_clip_path, tmp_path):
+    """300 class names (the prompts are encoded 256 at a time): one feature per class, in order."""
+    trainer = make_trainer(kind, tiny_data_root, tiny_clip_path, tmp_path, *opts)
+    trainer.model.prompt_learner.set_classnames([f"shape number {i}" for i in range(300)])
+    trainer.prepare_for_test()
+    with torch.no_grad():
+        if "mean" in opts:  # Self-TPT's CLS_VIEW mean: the renormalised mean of the three layouts
+            expected = F.normalize(torch.stack([trainer.model.text_features(p) for p in POSITIONS]).mean(0), dim=-1)
+        else:
+            expected = trainer.model.text_features()
+    assert trainer.eval_text_features.shape == (300, expected.shape[1])
+    torch.testing.assert_close(trainer.eval_text_features, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["CoOp", "CoCoOp", "SelfTPT"])
+def test_the_learning_rate_schedule_steps_once_at_the_last_batch_of_an_epoch(kind, tiny_data_root,
+                                                                            tiny_clip_path, tmp_path):
+    trainer = make_trainer(kind, tiny_data_root, tiny_clip_path, tmp_path)
+    batch, _ = fixed_train_batch(trainer)
+    scheds = {n: s for n, s in trainer._scheds.items() if s is not None}
+    assert scheds
+
+    def epochs():
+        return {n: s.last_epoch for n, s in scheds.items()}
+
+    start = epochs()
+    trainer.batch_idx, trainer.num_batches = 0, 3  # a mid-epoch batch: no change
+    trainer.forward_backward(batch)
+    assert epochs() == start
+    trainer.batch_idx = 2  # the epoch's last batch: every scheduler steps once
+    trainer.forward_backward(batch)
+    assert epochs() == {n: e + 1 for n, e in start.items()}
+
+
+# ------------------------------------------------------------------------- Self-TPT stage 2
+def test_stage_two_steps_down_the_cpt_gradient_of_every_class_and_reports_its_loss(tiny_data_root,
+                                                                                  tiny_clip_path, tmp_path):
+    """One adaptation pass with SGD (all six classes in one chunk): the context moves by
+    ``-TTA_LR * grad L_cpt`` of the whole class set, and the results record L_cpt before and after."""
+    trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path, "TRAINER.SELFTPT.TTA_STEPS", "1",
+                              "TRAINER.SELFTPT.TTA_OPTIM", "sgd", "TRAINER.SELFTPT.TTA_LR", "0.1")
+    trainer.cpt.refresh_class_set(trainer.model)
+    trainer.cpt.eval()
+    every = torch.arange(6)
+    ctx0 = trainer.model.prompt_learner.ctx.detach().clone()
+    ctx = ctx0.clone().requires_grad_(True)
+    loss0 = cpt_loss(trainer, every, trainer.node.TEMPERATURE, ctx)
+    grad = torch.autograd.grad(loss0, ctx)[0]
+    adapted = trainer.adapt_to_class_names(ctx0)
+    assert_close(adapted - ctx0, -0.1 * grad, rel=1e-3)
+    assert torch.equal(trainer.model.prompt_learner.ctx.detach(), ctx0)  # a copy was adapted
+    tta = trainer.result_extra["tta"]
+    with torch.no_grad():
+        loss1 = cpt_loss(trainer, every, trainer.node.TEMPERATURE, adapted)
+    assert tta["cpt_loss_before"] == pytest.approx(loss0.item(), rel=1e-5)
+    assert tta["cpt_loss_after"] == pytest.approx(loss1.item(), rel=1e-5)
+    assert (tta["n_classes"], tta["steps"], tta["chunks_per_pass"], tta["classes_covered"]) == (6, 1, 1, 6)
+
+
+def test_stage_two_accumulates_the_class_weighted_cpt_gradient_over_chunks(tiny_data_root, tiny_clip_path,
+                                                                          tmp_path, monkeypatch):
+    """CPT_MAX_CLASSES 3 on six classes: two chunks; one SGD step along minus the gradient of
+    ``sum_chunks |chunk| / n_cls * L_cpt(chunk)``, the loss recorded being that weighted sum."""
+    trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path, "TRAINER.SELFTPT.TTA_STEPS", "1",
+                              "TRAINER.SELFTPT.TTA_OPTIM", "sgd", "TRAINER.SELFTPT.TTA_LR", "0.1",
+                              "TRAINER.SELFTPT.CPT_MAX_CLASSES", "3")
+    partitions = []
+    original = selftpt_module.class_chunks
+
+    def spy(*args, **kwargs):
+        partitions.append(original(*args, **kwargs))
+        return partitions[-1]
+
+    monkeypatch.setattr(selftpt_module, "class_chunks", spy)
+    trainer.cpt.refresh_class_set(trainer.model)
+    trainer.cpt.eval()
+    ctx0 = trainer.model.prompt_learner.ctx.detach().clone()
+    adapted = trainer.adapt_to_class_names(ctx0)
+    chunks = partitions[0]
+    assert sorted(len(c) for c in chunks) == [3, 3]
+    ctx = ctx0.clone().requires_grad_(True)
+    loss0 = sum(len(c) / 6 * cpt_loss(trainer, c, trainer.node.TEMPERATURE, ctx) for c in chunks)
+    grad = torch.autograd.grad(loss0, ctx)[0]
+    assert_close(adapted - ctx0, -0.1 * grad, rel=1e-3)
+    assert trainer.result_extra["tta"]["cpt_loss_before"] == pytest.approx(loss0.item(), rel=1e-5)
+
+
+def test_stage_two_class_partitions_follow_the_seed(tiny_data_root, tiny_clip_path, tmp_path, monkeypatch):
+    """The chunks of stage 2 are drawn from a generator seeded with SEED: seeds 0 and 1 differ,
+    the same seed repeats."""
+    partitions = []
+    original = selftpt_module.class_chunks
+
+    def spy(*args, **kwargs):
+        chunks = original(*args, **kwargs)
+        partitions[-1].append(sorted(sorted(c.tolist()) for c in chunks))
+        return chunks
+
+    monkeypatch.setattr(selftpt_module, "class_chunks", spy)
+    for run, seed in enumerate(("0", "1", "0")):
+        trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path / str(run), "SEED", seed,
+                                  "TRAINER.SELFTPT.TTA_STEPS", "2", "TRAINER.SELFTPT.CPT_MAX_CLASSES", "2")
+        trainer.cpt.refresh_class_set(trainer.model)
+        partitions.append([])
+        torch.manual_seed((100, 105, 101)[run])  # the global RNG differs between the runs
+        trainer.adapt_to_class_names(trainer.model.prompt_learner.ctx.detach())
+    assert len(partitions[0]) == 2  # a new partition at each step
+    assert partitions[0] == partitions[2]  # every step's partition follows SEED alone
+    assert partitions[0][0] != partitions[1][0]
+
+
+def test_stage_two_reports_the_cpt_loss_before_its_first_step(tiny_data_root, tiny_clip_path, tmp_path):
+    trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path, "TRAINER.SELFTPT.TTA_STEPS", "3")
+    trainer.cpt.refresh_class_set(trainer.model)
+    trainer.cpt.eval()
+    ctx0 = trainer.model.prompt_learner.ctx.detach().clone()
+    with torch.no_grad():
+        before = cpt_loss(trainer, torch.arange(6), trainer.node.TEMPERATURE, ctx0).item()
+    adapted = trainer.adapt_to_class_names(ctx0)
+    with torch.no_grad():
+        after = cpt_loss(trainer, torch.arange(6), trainer.node.TEMPERATURE, adapted).item()
+    tta = trainer.result_extra["tta"]
+    assert tta["cpt_loss_before"] == pytest.approx(before, rel=1e-5)
+    assert tta["cpt_loss_after"] == pytest.approx(after, rel=1e-5) and after < before
+    assert (tta["steps"], tta["passes"]) == (3, 3)
+
+
+@pytest.mark.parametrize("cls_view", ["single", "mean"])
+def test_inference_classifies_with_the_adapted_context(cls_view, tiny_data_root, tiny_clip_path, tmp_path):
+    """Stage 3 uses the stage-2 context: in the configured layout, or the renormalised mean of
+    the three layouts (CLS_VIEW mean)."""
+    trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path, "TRAINER.SELFTPT.TTA_STEPS", "1",
+                              "TRAINER.SELFTPT.TTA_OPTIM", "sgd", "TRAINER.SELFTPT.TTA_LR", "1.0",
+                              "TRAINER.SELFTPT.CLS_VIEW", cls_view, "TRAINER.SELFTPT.CLASS_TOKEN_POSITION", "front")
+    ctx0 = trainer.model.prompt_learner.ctx.detach().clone()
+    trainer.prepare_for_test()
+    adapted = trainer.adapt_to_class_names(ctx0)  # the same seeded pass again
+    assert not torch.allclose(adapted, ctx0)
+
+    def features(ctx):
+        with torch.no_grad():
+            if cls_view == "single":
+                return trainer.model.text_features("front", ctx=ctx)
+            per_layout = torch.stack([trainer.model.text_features(p, ctx=ctx) for p in POSITIONS])
+            return F.normalize(per_layout.mean(dim=0), dim=-1)
+
+    torch.testing.assert_close(trainer.eval_text_features, features(adapted), rtol=0, atol=1e-5)
+    assert (trainer.eval_text_features - features(ctx0)).abs().max() > 1e-4
+
+
+def test_stage_one_extra_cpt_classes_come_from_the_trainers_seeded_generator(tiny_data_root, tiny_clip_path,
+                                                                            tmp_path, monkeypatch):
+    """The classes CPT adds to a small batch's are drawn from the trainer's own generator (seeded
+    with SEED, saved on resume), not from the global RNG that data loading also consumes."""
+    picked = []
+    original = selftpt_module.sample_classes
+
+    def spy(*args, **kwargs):
+        picked.append(original(*args, **kwargs).tolist())
+        return torch.tensor(picked[-1])
+
+    monkeypatch.setattr(selftpt_module, "sample_classes", spy)
+    for global_seed in (0, 123):
+        trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path / str(global_seed),
+                                  "TRAINER.SELFTPT.CPT_MAX_CLASSES", "4", "DATALOADER.TRAIN_X.BATCH_SIZE", "2",
+                                  "TRAINER.SELFTPT.USE_GM", "False")
+        batch, _ = fixed_train_batch(trainer)
+        torch.manual_seed(global_seed)
+        trainer.forward_backward(batch)
+    assert len(picked) == 2 and len(picked[0]) == 4
+    assert picked[0] == picked[1]
+
+
+def test_stage_two_without_steps_reports_the_unadapted_loss_and_its_timings(tiny_data_root, tiny_clip_path,
+                                                                           tmp_path):
+    """TTA_STEPS 0: the prompt is not moved, before and after are L_cpt of the trained context;
+    the recorded durations lie within the call."""
+    import time
+    trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path, "TRAINER.SELFTPT.TTA_STEPS", "0")
+    ctx0 = trainer.model.prompt_learner.ctx.detach().clone()
+    start = time.perf_counter()
+    trainer.prepare_for_test()
+    elapsed = time.perf_counter() - start
+    with torch.no_grad():
+        expected = cpt_loss(trainer, torch.arange(6), trainer.node.TEMPERATURE, ctx0).item()
+        torch.testing.assert_close(trainer.eval_text_features, trainer.class_text_features(ctx0), rtol=0, atol=1e-6)
+    tta = trainer.result_extra["tta"]
+    assert tta["cpt_loss_before"] == pytest.approx(expected, rel=1e-5)
+    assert tta["cpt_loss_after"] == pytest.approx(expected, rel=1e-5)
+    assert tta["loss_scale_backoffs"] == 0
+    assert 0.0 <= tta["seconds"] <= elapsed
+    assert 0.0 <= trainer.result_extra["text_features_seconds"] <= elapsed
+
+
+def test_stage_two_without_steps_measures_the_context_it_is_given(tiny_data_root, tiny_clip_path, tmp_path):
+    trainer = selftpt_trainer(tiny_data_root, tiny_clip_path, tmp_path, "TRAINER.SELFTPT.TTA_STEPS", "0")
+    trainer.cpt.refresh_class_set(trainer.model)
+    trainer.cpt.eval()
+    ctx = trainer.model.prompt_learner.ctx.detach()
+    other = ctx + 0.5 * torch.randn(ctx.shape, generator=torch.Generator().manual_seed(5))  # not the model's own
+    assert torch.equal(trainer.adapt_to_class_names(other), other)
+    with torch.no_grad():
+        expected = cpt_loss(trainer, torch.arange(6), trainer.node.TEMPERATURE, other).item()
+    assert trainer.result_extra["tta"]["cpt_loss_before"] == pytest.approx(expected, rel=1e-5)

@@ -147,3 +147,34 @@ def test_gradient_scale_counts_each_backoff_and_names_an_overflowing_loss():
     with pytest.raises(FloatingPointError, match="Non-finite gradient even without loss scaling.*PREC fp32"):
         scale.grad((x.half() * 70000.0).sum().float(), [x])  # beyond fp16 even at scale 1
     assert scale.scale == 1.0  # never below 1: the gradient is not shrunk below its true size
+
+
+@pytest.mark.parametrize("method", ["CoOp", "CoCoOp", "SelfTPT", "TPT"])
+def test_an_overflowing_fp16_step_is_skipped_and_the_loss_scale_backs_off(method, tiny_data_root, tiny_clip_path,
+                                                                         tmp_path):
+    """Every trainer's optimiser step goes through its GradScaler: at a loss scale that overflows
+    fp16's gradients the step is skipped (nothing moves) and the scale is lowered."""
+    node = TRAINER_REGISTRY.get(method).CFG_NODE
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, method,
+                   ("OUTPUT_DIR", str(tmp_path), "SEED", "1", f"TRAINER.{node}.PREC", "fp16", *MATRIX[method]))
+    with pytest.warns(UserWarning):
+        trainer = build_trainer(cfg)
+    huge = 2.0 ** 100
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=huge)
+    tuned = [p for name in trainer.get_model_names() for p in trainer._models[name].parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in tuned]
+    if method == "TPT":
+        trainer.prepare_for_test()
+        views = trainer.views(_first_test_image(trainer))
+        trainer.tune_and_predict(views)
+    else:
+        batch = next(iter(trainer.train_loader_x))
+        trainer.batch_idx, trainer.num_batches = 0, 99
+        trainer.forward_backward(batch)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(tuned, before))
+    assert trainer.scaler.get_scale() < huge
+
+
+def _first_test_image(trainer):
+    from selftpt.toolbox import read_image
+    return read_image(trainer.dm.dataset.test[0].impath)

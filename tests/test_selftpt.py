@@ -191,3 +191,32 @@ def test_gradient_checkpointing_supports_gradient_matching_exactly(tiny_data_roo
         trainer.train()  # GM's double backward through recomputed blocks
         contexts.append(trainer.model.prompt_learner.ctx.detach())
     assert torch.allclose(contexts[0], contexts[1], atol=1e-6)
+
+
+def test_training_state_before_any_step_round_trips_without_a_gradient_ema(tiny_data_root, tiny_clip_path,
+                                                                           tmp_path):
+    """Resuming from a state saved before the first step (no CE gradient averaged yet)."""
+    make = lambda sub: build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT",  # noqa: E731
+                                              ("OUTPUT_DIR", str(tmp_path / sub), "SEED", "1")))
+    fresh, other = make("a"), make("b")
+    other.grad_ema.value = torch.ones_like(other.model.prompt_learner.ctx)
+    other.load_training_state(fresh.training_state())
+    assert other.grad_ema.value is None
+
+
+@pytest.mark.parametrize("n_views, cacheable", [(1, True), (2, False)])
+def test_only_single_view_selftpt_reuses_cached_image_features(n_views, cacheable, tiny_data_root, tiny_clip_path,
+                                                                tmp_path):
+    """Self-TPT's image side is one fixed encoder pass; any random views (N_VIEWS > 1) are not."""
+    trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT", (
+        "OUTPUT_DIR", str(tmp_path), "TRAINER.SELFTPT.N_VIEWS", n_views)))
+    assert (trainer.image_encoder_for_cache() is not None) is cacheable
+
+
+def test_two_target_classes_are_enough_for_the_adaptation(tiny_data_root, tiny_clip_path, tmp_path):
+    trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT", (
+        "OUTPUT_DIR", str(tmp_path), "TRAINER.SELFTPT.TTA_STEPS", 1)))
+    trainer.model.prompt_learner.set_classnames(["red square", "green circle"])
+    trainer.prepare_for_test()
+    assert trainer.result_extra["tta"]["n_classes"] == 2
+    assert trainer.eval_text_features.shape[0] == 2

@@ -241,3 +241,111 @@ def test_train_py_runs_tpt_coop_and_writes_time_and_ece(tiny_data_root, tiny_cli
     with open(tmp_path / "run" / "results.json") as f:
         assert json.load(f)["extra"]["seconds_per_image"] == pytest.approx(extra["seconds_per_image"])
 
+
+
+# --------------------------------------------------------------------------- mutation survivors
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"), True),
+    (RuntimeError("posix_memalign failed: Cannot allocate memory"), True),
+    (RuntimeError("shape mismatch"), False),
+    (ValueError("out of memory"), False),  # only RuntimeErrors are allocator failures
+])
+def test_out_of_memory_is_recognised_by_each_allocators_message(error, expected):
+    assert tpt_module.is_out_of_memory(error) is expected
+
+
+def test_load_model_without_a_directory_keeps_the_initial_prompt(tiny_data_root, tiny_clip_path, tmp_path):
+    """No --model-dir: TPT tunes from CTX_INIT, whatever --load-epoch says (nothing is loaded)."""
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 4))
+    before = trainer.model.prompt_learner.ctx.detach().clone()
+    trainer.load_model("", epoch=3)
+    assert torch.equal(trainer.model.prompt_learner.ctx.detach(), before)
+    assert torch.equal(trainer.ctx_init_state, before)
+
+
+def test_load_epoch_picks_that_epochs_prompt_among_several(tiny_data_root, tiny_clip_path, tmp_path):
+    out = tmp_path / "coop_two_epochs"
+    coop = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "CoOp", (
+        "OUTPUT_DIR", str(out), "TRAINER.COOP.N_CTX", 4)))
+    coop.save_model(0, str(out))  # -> model.pth.tar-1
+    first = coop.model.prompt_learner.ctx.detach().clone()
+    epoch1 = (out / "prompt_learner" / "model.pth.tar-1").read_bytes()
+    with torch.no_grad():
+        coop.model.prompt_learner.ctx.add_(1.0)
+    coop.save_model(1, str(out))  # -> model.pth.tar-2, the latest (it replaces tar-1: put it back)
+    (out / "prompt_learner" / "model.pth.tar-1").write_bytes(epoch1)
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 4))
+    trainer.load_model(str(out), epoch=1)
+    assert torch.equal(trainer.model.prompt_learner.ctx.detach(), first)
+    assert torch.equal(trainer.ctx_init_state, first)
+    assert trainer.prompt_init.endswith("model.pth.tar-1")
+
+
+def test_a_wrong_size_checkpoint_names_the_ctx_init_words(tiny_data_root, tiny_clip_path, tmp_path, coop_dirs):
+    _, out16 = coop_dirs
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path)  # CTX_INIT "a photo of a"
+    with pytest.raises(CheckpointError, match=r'builds 4 \(CTX_INIT "a photo of a" has 4 words\)'):
+        trainer.load_model(str(out16), epoch=1)
+
+
+def test_plain_images_are_tuned_on_alone_and_the_progress_bar_shows_seconds(tiny_data_root, tiny_clip_path,
+                                                                              tmp_path):
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 4))
+    assert trainer.progress_postfix() == {}  # before any evaluation
+    trainer.prepare_for_test()
+    assert trainer.progress_postfix() == {}  # no image timed yet
+    images = torch.stack([views_of(trainer, i)[0] for i in (0, 5)])  # (2, 3, H, W): no views
+    logits = trainer.model_inference(images)
+    assert logits.shape == (2, 6)
+    for i in range(2):  # each image tuned on itself as its only view
+        torch.testing.assert_close(logits[i:i + 1], trainer.tune_and_predict(images[i:i + 1]), rtol=0, atol=1e-6)
+    assert trainer.progress_postfix() == {"s/img": f"{trainer.last_seconds:.2f}"}
+
+
+def test_time_per_image_averages_over_the_images_timed(tiny_data_root, tiny_clip_path, tmp_path, monkeypatch):
+    """Three images taking 1, 2 and 3 s (a fake clock): the results file's timing fields."""
+    import types
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 2))
+    trainer.prepare_for_test()
+    clock = iter([0.0, 1.0, 10.0, 12.0, 20.0, 23.0])  # start and end of each image
+    monkeypatch.setattr(tpt_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    after_first = []
+    for i in range(3):
+        trainer.tune_and_predict(views_of(trainer, i))
+        after_first.append(trainer.result_extra.get("seconds_per_image_after_first"))
+    assert after_first == [None, pytest.approx(2.0), pytest.approx(2.5)]  # from the second image on
+    extra = trainer.result_extra
+    assert "peak_memory_mb" not in extra  # CUDA only
+    assert extra["adaptation_seconds_total"] == pytest.approx(6.0)
+    assert extra["seconds_per_image"] == pytest.approx(2.0)
+    assert extra["images_per_second"] == pytest.approx(0.5)
+    assert extra["seconds_per_image_after_first"] == pytest.approx(2.5)
+    assert trainer.progress_postfix() == {"s/img": "3.00"}
+
+
+@pytest.mark.parametrize("seconds, per_second", [(0.0, None), (0.5, 2.0)])
+def test_images_per_second_of_an_instant_or_subsecond_image(seconds, per_second, tiny_data_root, tiny_clip_path,
+                                                            tmp_path, monkeypatch):
+    """A clock too coarse to see the image (0 s) gives no rate rather than a division by zero."""
+    import types
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 2))
+    trainer.prepare_for_test()
+    clock = iter([3.0, 3.0 + seconds])
+    monkeypatch.setattr(tpt_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    trainer.tune_and_predict(views_of(trainer, 0))
+    assert trainer.result_extra["images_per_second"] == (None if per_second is None else pytest.approx(per_second))
+
+
+@pytest.mark.parametrize("dataset, augmix", [("TinyShapes", True), ("ImageNet", False)])
+def test_the_results_record_tpts_settings(dataset, augmix, tiny_data_root, tiny_clip_path, tmp_path):
+    """AUGMIX auto: on except on ImageNet (TPT's choice), as recorded in the results' extra."""
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=(
+        "TRAINER.TPT.N_VIEWS", 16, "TRAINER.TPT.STEPS", 2, "TRAINER.TPT.LR", 0.01))
+    trainer.cfg.defrost()
+    trainer.cfg.DATASET.NAME = dataset  # only the name, as the evaluation reads it
+    trainer.cfg.freeze()
+    trainer.prepare_for_test()
+    extra = trainer.result_extra
+    assert (extra["tpt_n_views"], extra["tpt_selected_views"], extra["tpt_steps"]) == (16, 1, 2)
+    assert extra["tpt_lr"] == pytest.approx(0.01) and extra["tpt_augmix"] is augmix
