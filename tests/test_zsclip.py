@@ -14,7 +14,7 @@ import trainers  # noqa: F401  (registers the trainers)
 from selftpt.clip_loader import tokenize
 from selftpt.launch import main
 from selftpt.sweep import Sweep
-from selftpt.tables import _method_rank
+from selftpt.tables import method_ranker
 from selftpt.templates import (
     ENSEMBLES,
     IMAGENET_TEMPLATES,
@@ -143,7 +143,7 @@ def test_feature_cache_is_shared_with_zeroshot_clip(tiny_data_root, tiny_clip_pa
 
 def test_sweeps_run_it_once_unseeded_per_dataset_without_training():
     def sweep(protocol, **kw):
-        return Sweep(protocol, "ZeroshotCLIP2", cfg="bench", data="", seeds=[1, 2, 3], shots=[16],
+        return Sweep(protocol=protocol, trainer="ZeroshotCLIP2", cfg="bench", data="", seeds=[1, 2, 3], shots=[16],
                      output=Path("/o"), **kw)
 
     chains = sweep("base2new", datasets=["shapeworld", "moreshapes"]).chains()
@@ -169,4 +169,30 @@ def test_scripts_drive_the_trainer(protocol):
 
 def test_tables_list_it_right_after_zeroshot_clip():
     methods = ["SelfTPT", "CoOp", "ZeroshotCLIP2", "ZeroshotCLIP"]
-    assert sorted(methods, key=_method_rank) == ["ZeroshotCLIP", "ZeroshotCLIP2", "CoOp", "SelfTPT"]
+    assert sorted(methods, key=method_ranker([])) == ["ZeroshotCLIP", "ZeroshotCLIP2", "CoOp", "SelfTPT"]
+
+
+@pytest.mark.parametrize("trainer_name", ["ZeroshotCLIP", "ZeroshotCLIP2"])
+def test_zero_shot_prompts_use_the_datasets_own_template(trainer_name, tiny_data_root, tiny_clip_path, tmp_path,
+                                                         monkeypatch):
+    import selftpt.templates as templates
+    monkeypatch.setitem(templates.CUSTOM_TEMPLATES, "TinyShapes", "a drawing of a {}.")
+    trainer = make(tiny_data_root, tiny_clip_path, trainer_name, tmp_path)
+    if trainer_name == "ZeroshotCLIP":
+        assert trainer.template == "a drawing of a {}."
+    else:  # coop_select: CoOp's seven templates plus the dataset's own
+        assert trainer.templates == [*IMAGENET_TEMPLATES_SELECT, "a drawing of a {}."]
+
+
+def test_each_image_feature_is_normalised_on_its_own(tiny_data_root, tiny_clip_path, tmp_path):
+    """One L2-normalised feature per image, whatever else is in the batch (cache and logits rely on it)."""
+    trainer = make(tiny_data_root, tiny_clip_path, "ZeroshotCLIP", tmp_path)
+    images, _ = trainer.parse_batch_test(next(iter(trainer.test_loader)))
+    images = images[:3]
+    with torch.no_grad():
+        together = trainer.encode_images(images)
+        alone = torch.cat([trainer.encode_images(images[i:i + 1]) for i in range(3)])
+        raw = trainer.clip_model.encode_image(images)
+    torch.testing.assert_close(together.norm(dim=-1), torch.ones(3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(together, raw / raw.norm(dim=-1, keepdim=True), rtol=0, atol=1e-5)
