@@ -7,7 +7,7 @@ setup(
     name="selftpt",
     version="0.1.0",
     description="Self-TPT: efficient test-time prompt tuning for CLIP, as a Dassl/CoOp plug-in",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["selftpt", "selftpt.*"]),
     package_data={"selftpt": ["assets/*.pt", "assets/*.json", "reference/*.yaml"]},
     install_requires=[
@@ -24,5 +24,9 @@ setup(
         "Pillow>=9.0",
         "matplotlib>=3.6",
     ],
-    extras_require={"test": ["pytest>=7"], "mutation": ["mutmut>=3.3"]},
+    extras_require={
+        "test": ["pytest>=7", "ruff>=0.6", "submitit>=1.5"],  # the SLURM launcher's tests need submitit
+        "slurm": ["submitit>=1.5"],  # LAUNCHER=slurm
+        "mutation": ["mutmut>=3.3"],
+    },
 )

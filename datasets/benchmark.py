@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from selftpt import dataset_catalog
-from selftpt.benchmark.catalog import DATASETS as BENCHMARK, WorldDataset
+from selftpt.benchmark.catalog import DATASETS as BENCHMARK
+from selftpt.benchmark.catalog import WorldDataset
 from selftpt.benchmark.fashion import FashionMNISTUnavailable
 from selftpt.benchmark.materialize import default_data_root, materialize, split_filename
 from selftpt.toolbox import DATASET_REGISTRY, DatasetBase

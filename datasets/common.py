@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from selftpt.errors import DatasetError  # noqa: F401  (re-exported for the datasets)
 from selftpt.fsmode import atomic_write
-from selftpt.toolbox import Datum, DatasetBase, listdir_nohidden
+from selftpt.toolbox import DatasetBase, Datum, listdir_nohidden
 
 __all__ = [
     "DatasetError",
@@ -590,7 +590,8 @@ def load_shared_cache(
     return None
 
 
-def _as_datums(content: CacheContent, dataset_dir: str, dataset: str, path: str) -> tuple[Optional[dict[str, list]], str]:
+def _as_datums(content: CacheContent, dataset_dir: str, dataset: str,
+               path: str) -> tuple[Optional[dict[str, list]], str]:
     """``({key: [Datum, ...]}, "")``, or ``(None, "stale (...)")`` if an image the cache lists
     is not on disk (``Datum`` checks each file: one stat per image, done once)."""
     try:

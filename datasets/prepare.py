@@ -188,7 +188,8 @@ def download_files(
         for spec in CATALOG.values():
             for remote in spec.remote:
                 path = osp.join(root, spec.folder, remote.filename)
-                if remote.drive_id not in verified and osp.isfile(path) and not file_problems(remote, path, spec.num_classes):
+                if (remote.drive_id not in verified and osp.isfile(path)
+                        and not file_problems(remote, path, spec.num_classes)):
                     verified[remote.drive_id] = path
     results = []
     for spec in specs:

@@ -13,7 +13,7 @@ import os.path as osp
 from collections import OrderedDict
 from typing import Any, Optional
 
-from selftpt.toolbox import Datum, DatasetBase, listdir_nohidden
+from selftpt.toolbox import DatasetBase, Datum, listdir_nohidden
 
 from .catalog import DatasetSpec
 from .common import (

@@ -127,7 +127,8 @@ class Number(Rule):
     integer: bool = False
 
     def problem(self, value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not isinstance(value, int)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (self.integer and not isinstance(value, int))):
             return f"must be {'an integer' if self.integer else 'a number'}"
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
@@ -155,8 +156,10 @@ class SubsetOf(Rule):
     minimum: int = 1
 
     def problem(self, value: Any) -> str | None:
-        unknown = [v for v in value if v not in self.choices]
-        if unknown or len(set(value)) < self.minimum:
+        unknown = [str(v) for v in value if v not in self.choices]
+        if unknown:
+            return f"has unknown choice(s) {', '.join(unknown)}; allowed: {', '.join(self.choices)}"
+        if len(set(value)) < self.minimum:
             return f"must list at least {self.minimum} different of: {', '.join(self.choices)}"
         return None
 
@@ -183,15 +186,17 @@ FRACTION = Number(low=0, high=1, low_open=True)  # (0, 1]
 
 def _rules() -> dict[str, Rule]:
     from selftpt.cpt import ADAPTATION_OPTIMIZERS, HEADS, VIEWS
+    from selftpt.engine.optim import AVAI_OPTIMS, AVAI_SCHEDS  # Dassl's lists, as the engine writes them
+    from selftpt.engine.transforms import AVAI_CHOICES
     from selftpt.precision import PRECISIONS
     from selftpt.prompt_learner import POSITIONS
     from selftpt.templates import ENSEMBLES
-    from selftpt.engine.optim import AVAI_OPTIMS, AVAI_SCHEDS  # Dassl's lists, as the engine writes them
 
     rules: dict[str, Rule] = {
         "DATASET.NUM_SHOTS": Shots(),
         "DATASET.SUBSAMPLE_CLASSES": OneOf(("all", "base", "new")),
         "INPUT.INTERPOLATION": OneOf(("bilinear", "bicubic", "nearest")),
+        "INPUT.TRANSFORMS": SubsetOf(tuple(AVAI_CHOICES), minimum=0),  # Dassl's names
         "OPTIM.NAME": OneOf(tuple(AVAI_OPTIMS)),
         "OPTIM.LR_SCHEDULER": OneOf(tuple(AVAI_SCHEDS)),
         "OPTIM.LR": POSITIVE,

@@ -126,9 +126,9 @@ def parse_log(path: str | Path) -> ParsedLog:
         config=_parse_nested(blocks.get("Config", [])),
         args=_parse_nested(blocks.get("Arguments", [])),
     )
-    marker_at = max((i for i, l in enumerate(lines) if l.strip() in END_MARKERS), default=-1)
+    marker_at = max((i for i, line in enumerate(lines) if line.strip() in END_MARKERS), default=-1)
     parsed.finished = marker_at >= 0
-    trained = any(l.startswith("epoch [") for l in lines)
+    trained = any(line.startswith("epoch [") for line in lines)
     # Without an Arguments block, a log with no training lines is taken as eval-only.
     parsed.eval_only = parsed.args.get("eval_only", str(not trained)) == "True"
     if not parsed.finished and not parsed.eval_only:

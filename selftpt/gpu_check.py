@@ -33,8 +33,8 @@ import torch
 from tabulate import tabulate
 
 from selftpt import launch
-from selftpt.efficiency import SYNTHETIC_DATASET, PeakMemory, write_synthetic_dataset
 from selftpt.clip_loader import CLIP_ARCHS, build_random_clip, save_state_dict
+from selftpt.efficiency import SYNTHETIC_DATASET, PeakMemory, write_synthetic_dataset
 from selftpt.toolbox import build_trainer, set_random_seed
 from selftpt.trainer_facts import reference_configs
 

@@ -22,11 +22,13 @@ import re
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import yaml
 
+from selftpt import dataset_catalog
 from selftpt.cli import EXIT_USER_ERROR, user_errors  # noqa: F401  (EXIT_USER_ERROR: main's code, re-exported)
 from selftpt.clip_loader import available_backbones
 from selftpt.config import extend_cfg, validate_cfg
@@ -44,7 +46,6 @@ from selftpt.toolbox import (
     setup_logger,
 )
 from selftpt.trainer_facts import registered_trainers
-
 
 # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C (and what the sweeps use)
 EXIT_INTERRUPTED = 130
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                    help="modify config options using the command-line")
     return p
+
+
+def current_dataset_config(path: str) -> str:
+    """``path``, or the file that replaced it when its stem was renamed (``imagenetv2.yaml`` ->
+    ``imagenet_v2.yaml``), with one note: commands written for the old name keep working."""
+    new = None if osp.isfile(path) else dataset_catalog.renamed_stem(Path(path).stem)
+    if new is None or not osp.isfile(osp.join(osp.dirname(path), f"{new}.yaml")):
+        return path
+    current = osp.join(osp.dirname(path), f"{new}.yaml")
+    print(f"note: {path} is now {current}; using it", file=sys.stderr)
+    return current
 
 
 def _merge_file(cfg: Any, path: str, what: str) -> None:
@@ -142,7 +154,7 @@ def setup_cfg(args: argparse.Namespace) -> Any:
     """Build the frozen config with CoOp's precedence."""
     cfg = extend_cfg(get_cfg_default())
     if args.dataset_config_file:
-        _merge_file(cfg, args.dataset_config_file, "Dataset config file")
+        _merge_file(cfg, current_dataset_config(args.dataset_config_file), "Dataset config file")
     if args.config_file:
         _merge_file(cfg, args.config_file, "Config file")
     simple = {"root": "DATASET.ROOT", "output_dir": "OUTPUT_DIR", "resume": "RESUME",

@@ -97,5 +97,5 @@ def ensemble_views(logits: torch.Tensor, mode: str = "mean", fraction: float = 0
         raise ConfigError(f"VIEW_AGGREGATION must be 'mean' or 'confident', got {mode!r}")
     probs = logits.float().softmax(dim=-1)  # (B, V, C)
     if mode == "confident":
-        probs = torch.stack([p[select_confident(l, fraction)] for p, l in zip(probs, logits)])
+        probs = torch.stack([p[select_confident(view_logits, fraction)] for p, view_logits in zip(probs, logits)])
     return probs.mean(dim=1).clamp_min(1e-12).log()

@@ -233,9 +233,10 @@ class Run:
         return (self.output_dir / RESULTS_FILENAME).is_file()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Sweep:
-    """The settings shared by every run of one protocol sweep.
+    """The settings shared by every run of one protocol sweep (keyword arguments only: twelve
+    fields are too many to pass by position).
 
     Every run of a chain uses the config its plan picks for the chain's training dataset (the
     dataset itself; the source for xd, dg and base-to-new with a source) and shot count, so a
@@ -1154,9 +1155,10 @@ def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str], m
     # Paths are the caller's: relative ones resolve against this process's directory, never the
     # workers' (scripts/common.sh resolves them against the user's before it changes directory).
     data = str(Path(args.data).expanduser().resolve()) if args.data else ""
-    sweep = Sweep(args.protocol, args.trainer, args.cfg, data, args.datasets, args.seeds, args.shots,
-                  Path(args.output).expanduser().resolve(), args.source, args.backbone, list(args.opts or []),
-                  args.prompts_from)
+    sweep = Sweep(protocol=args.protocol, trainer=args.trainer, cfg=args.cfg, data=data, datasets=args.datasets,
+                  seeds=args.seeds, shots=args.shots, output=Path(args.output).expanduser().resolve(),
+                  source=args.source, backbone=args.backbone, extra_opts=list(args.opts or []),
+                  prompts_from=args.prompts_from)
     print(f"output: {sweep.output}", flush=True)
     missing = sweep.missing_prompt_sources()
     if missing:

@@ -320,6 +320,11 @@ def _consistency_notes(runs: Sequence[FinishedRun], seeds: Sequence[int] | None)
     return notes
 
 
+def _preference(run: FinishedRun) -> tuple:
+    """Which of two runs of one seed counts: a results file beats a log, then the newest file."""
+    return (run.origin == "results", run.source.stat().st_mtime, str(run.source))
+
+
 def dedupe_runs(runs: Sequence[FinishedRun]) -> tuple[list[FinishedRun], list[str]]:
     """One run per (group, seed): a results file beats a log, then the newest file wins."""
     chosen: dict[tuple[GroupKey, int], FinishedRun] = {}
@@ -330,8 +335,7 @@ def dedupe_runs(runs: Sequence[FinishedRun]) -> tuple[list[FinishedRun], list[st
         if other is None:
             chosen[slot] = run
             continue
-        rank = lambda r: (r.origin == "results", r.source.stat().st_mtime, str(r.source))
-        keep, drop = (run, other) if rank(run) > rank(other) else (other, run)
+        keep, drop = (run, other) if _preference(run) > _preference(other) else (other, run)
         chosen[slot] = keep
         if keep.metrics.get("accuracy") != drop.metrics.get("accuracy"):
             notes.append(f"two results for {run.key.method}/{run.key.dataset}/"
@@ -618,7 +622,7 @@ def _with_columns(table: Table, matches: Mapping[tuple[int, int], _Match], shown
             by_method: dict[tuple, dict[int, Entry]] = defaultdict(dict)
             for e in extra.pop(row_dataset[r]):
                 by_method[(e.method, e.block.backbone)][kind_col[e.kind]] = e
-            for (method, _), cols in by_method.items():
+            for cols in by_method.values():
                 e0 = next(iter(cols.values()))
                 base = ["", _ref_row_label(e0, table)] + [Cell(mean=None)] * (len(table.header) - 2)
                 rows.append(widen(base, None, cols))

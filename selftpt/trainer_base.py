@@ -22,10 +22,10 @@ from selftpt.clip_loader import load_clip
 from selftpt.config import validate_cfg
 from selftpt.engine.checkpoint import IncompleteCheckpointError
 from selftpt.errors import UserError
-from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
 from selftpt.feature_cache import cached_eval_logits
 from selftpt.precision import autocast, make_grad_scaler, resolve_precision
 from selftpt.prompt_learner import PromptLearner
+from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
 from selftpt.toolbox import (
     DataManager,
     TrainerX,

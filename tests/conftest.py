@@ -2,8 +2,8 @@
 CLIP pretrained for seconds with LearnableShapes (the world in which training visibly works)."""
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 torch.set_num_threads(1)  # CI machines have two cores; keep tests predictable
 

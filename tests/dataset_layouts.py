@@ -160,7 +160,8 @@ def _mat_annotations(entries: list[tuple[str, int]]) -> np.ndarray:
     dtype = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
     arr = np.zeros((1, len(entries)), dtype=dtype)
     for j, (fname, cls) in enumerate(entries):
-        arr[0, j] = (np.array([[0]]), np.array([[0]]), np.array([[3]]), np.array([[3]]), np.array([[cls]]), np.array([fname]))
+        box = (np.array([[0]]), np.array([[0]]), np.array([[3]]), np.array([[3]]))
+        arr[0, j] = (*box, np.array([[cls]]), np.array([fname]))
     return arr
 
 
@@ -191,7 +192,8 @@ def raw_oxford_flowers(root: Path):
     for i in range(30):
         image(d / "jpg" / f"image_{i + 1:05d}.jpg")
     savemat(str(d / "imagelabels.mat"), {"labels": np.array([labels], dtype=np.uint8)})
-    write_json({"1": "pink primrose", "2": "hard-leaved pocket orchid", "3": "canterbury bells"}, d / "cat_to_name.json")
+    names = {"1": "pink primrose", "2": "hard-leaved pocket orchid", "3": "canterbury bells"}
+    write_json(names, d / "cat_to_name.json")
     return ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"], (15, 6, 9)
 
 

@@ -84,7 +84,7 @@ class TinyShapes(DatasetBase):
     def __init__(self, cfg) -> None:
         root = Path(os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT)))
         split = make_tiny_images(root) if not (root / self.dataset_dir).is_dir() else _read_back(root)
-        train, val, test = ([Datum(impath=p, label=l, classname=c) for p, l, c in split[k]]
+        train, val, test = ([Datum(impath=p, label=y, classname=c) for p, y, c in split[k]]
                             for k in ("train", "val", "test"))
         if cfg.DATASET.NUM_SHOTS >= 1:
             train = self.generate_fewshot_dataset(train, num_shots=cfg.DATASET.NUM_SHOTS)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from selftpt.benchmark import catalog, materialize as mat
+from selftpt.benchmark import catalog
+from selftpt.benchmark import materialize as mat
 from selftpt.benchmark.catalog import DATASETS, PRETRAIN_TIERS, WorldDataset
 from selftpt.benchmark.world import WORLD_VERSION
 

@@ -16,10 +16,11 @@ from tests.helpers import tiny_opts
 BAD = [
     ("SelfTPT", "DATASET.NUM_SHOTS", "-3", "must be -1 (all images) or a positive number of shots"),
     ("SelfTPT", "DATASET.SUBSAMPLE_CLASSES", "half", "allowed: all, base, new"),
+    ("CoOp", "INPUT.TRANSFORMS", "['random_flip', 'random_fip']", "unknown choice(s) random_fip; allowed: random_flip"),
     ("SelfTPT", "TRAINER.SELFTPT.VIEW_AGGREGATION", "foo", "allowed: mean, confident"),
     ("SelfTPT", "TRAINER.SELFTPT.HEAD", "mlp2", "allowed: mlp, linear, none"),
     ("SelfTPT", "TRAINER.SELFTPT.CPT_VIEWS", "['end', 'end']", "at least 2 different of"),
-    ("SelfTPT", "TRAINER.SELFTPT.CPT_VIEWS", "['end', 'sideways']", "at least 2 different of"),
+    ("SelfTPT", "TRAINER.SELFTPT.CPT_VIEWS", "['end', 'sideways']", "unknown choice(s) sideways; allowed: end"),
     ("SelfTPT", "TRAINER.SELFTPT.GM_EMA", "1.0", "must be >= 0 and < 1"),
     ("SelfTPT", "TRAINER.SELFTPT.TTA_OPTIM", "lbfgs", "allowed: adamw, adam, sgd"),
     ("SelfTPT", "TRAINER.SELFTPT.CLASS_TOKEN_POSITION", "left", "allowed: end, middle, front"),

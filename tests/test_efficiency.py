@@ -147,7 +147,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 def test_per_image_methods_do_not_use_the_cache(tiny_data_root, tiny_clip_path, tmp_path):
     tpt = make(tiny_data_root, tiny_clip_path, "TPT", tmp_path / "c", tmp_path)
-    selftpt_v = make(tiny_data_root, tiny_clip_path, "SelfTPT", tmp_path / "c", tmp_path, "TRAINER.SELFTPT.N_VIEWS", "4")
+    selftpt_v = make(tiny_data_root, tiny_clip_path, "SelfTPT", tmp_path / "c", tmp_path,
+                     "TRAINER.SELFTPT.N_VIEWS", "4")
     assert tpt.image_encoder_for_cache() is None and selftpt_v.image_encoder_for_cache() is None
 
 

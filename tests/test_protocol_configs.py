@@ -53,7 +53,7 @@ def paper_sweep(protocol: str, trainer: str, cfg: str, **kw) -> Sweep:
     args = dict(data="/data", datasets=targets, seeds=[1], output=Path("/o"), source=source,
                 shots=list(SHOTS) if protocol == "fewshot" else [16])
     args.update(kw)
-    return Sweep(protocol, trainer, cfg, **args)
+    return Sweep(protocol=protocol, trainer=trainer, cfg=cfg, **args)
 
 
 def merged(sweep: Sweep, run: Run):
@@ -303,7 +303,8 @@ def test_a_new_protocol_is_one_class(monkeypatch):
 
     defaults = protocols.get_protocol("trainonly").defaults("benchmark")
     assert defaults.shots == (2,) and defaults.targets == ("shapeworld", "moreshapes", "shapepatterns", "fashion_mnist")
-    sweep = Sweep("trainonly", "CoOp", "bench", "", ["shapeworld"], [1], [2], Path("/o"))
+    sweep = Sweep(protocol="trainonly", trainer="CoOp", cfg="bench", data="", datasets=["shapeworld"], seeds=[1],
+                  shots=[2], output=Path("/o"))
     (run,), = sweep.chains()
     assert run.output_dir == Path("/o/trainonly/shapeworld/shots_2/CoOp/bench/seed1") and not run.eval_only
 

@@ -287,7 +287,7 @@ def test_xd_cells_get_published_value_and_difference_in_every_format(xd_tree):
 
 def test_reference_only_rows_on_the_tables_backbones_only(xd_tree, tmp_path):
     out = render_all(xd_tree, "--rows")["terminal"]
-    line = next(l for l in out.splitlines() if l.startswith("PromptAlign [ViT-B/16] (published)"))
+    line = next(row for row in out.splitlines() if row.startswith("PromptAlign [ViT-B/16] (published)"))
     assert "94.01" in line and "47.86" in line and "66.92" not in line
     assert "[RN50]" not in out  # RN50 numbers are never set beside these runs
     assert "ZeroshotCLIP" not in out  # no ViT-B/16 zero-shot CLIP cross-dataset number is published

@@ -25,7 +25,6 @@ from selftpt.results import (
     write_results,
 )
 
-
 # ----------------------------------------------------------------------------- helpers
 
 

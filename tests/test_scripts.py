@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def sweep(protocol="base2new", trainer="SelfTPT", **kw):
     args = dict(cfg="bench", data="", datasets=["shapeworld"], seeds=[1], shots=[2], output=Path("/o"))
     args.update(kw)
-    return Sweep(protocol, trainer, **args)
+    return Sweep(protocol=protocol, trainer=trainer, **args)
 
 
 def test_base2new_never_reuses_the_training_folder_for_new_classes():

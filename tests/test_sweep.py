@@ -22,15 +22,17 @@ from pathlib import Path
 
 import pytest
 
+import selftpt.sweep as sweeps  # names looked up in the tests, so that the ones that only drive a sweep
 import trainers  # noqa: F401  (registers the trainers: a sweep plans from their TRAINS, DETERMINISTIC)
 from selftpt import collect, tables
 from selftpt.results import RESULTS_FILENAME, make_record, read_results, write_results
-import selftpt.sweep as sweeps  # names looked up in the tests, so that the ones that only drive a sweep
 from selftpt.sweep import Sweep  # also run (and fail) on code that lacks the newer helpers
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "base2new/{part}/shapeworld/shots_1/CoOp/bench/seed{seed}"  # a run folder under the output
 BENCH_EPOCHS = 10  # OPTIM.MAX_EPOCH of configs/trainers/CoOp/bench.yaml
+# One CoOp run on ShapeWorld: seed 1, 1 shot, the bench config.
+ONE_RUN = dict(protocol="base2new", trainer="CoOp", cfg="bench", data="", datasets=["shapeworld"], seeds=[1], shots=[1])
 
 DRIVER = '''
 """selftpt.sweep with fake train.py runs (tests/test_sweep.py)."""
@@ -189,7 +191,7 @@ def _finished(sweep: Sweep, opts=()) -> None:
 
 def test_plan_compares_the_config_train_py_would_build_and_retrained_models_carry_their_tests(tmp_path):
     def sweep(*opts):
-        return Sweep("base2new", "CoOp", "bench", "", ["shapeworld"], [1], [1], tmp_path, extra_opts=list(opts))
+        return Sweep(**ONE_RUN, output=tmp_path, extra_opts=list(opts))
 
     _finished(sweep(), ["OPTIM.LR", "0.5"])
     assert [s.action for chain in sweeps.plan_sweep(sweep("OPTIM.LR", "0.5")) for s in chain] == ["skip", "skip"]
@@ -215,10 +217,10 @@ def test_plan_compares_the_config_train_py_would_build_and_retrained_models_carr
 
 
 def test_the_run_that_counts_is_the_newest_for_the_sweep_as_for_the_tables(tmp_path):
-    base = Sweep("base2new", "CoOp", "bench", "", ["shapeworld"], [1], [1], tmp_path)
+    base = Sweep(**ONE_RUN, output=tmp_path)
     _finished(base, ["OPTIM.MAX_EPOCH", "3"])
     seed1 = tmp_path / RUN.format(part="train_base", seed=1)
-    newer = Sweep("base2new", "CoOp", "bench", "", ["shapeworld"], [1], [1], tmp_path)
+    newer = Sweep(**ONE_RUN, output=tmp_path)
     for chain in newer.chains():  # the same runs again, in seed1-2, written later
         for run in chain:
             run.output_dir = run.output_dir.with_name("seed1-2")
@@ -309,7 +311,8 @@ def test_a_second_sweep_leaves_held_runs_to_the_first_and_a_dead_holders_lock_is
 def test_run_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path):
     folder = tmp_path / "seed1"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[2]); from selftpt.sweep import RunLock\n"
+        "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[2])\n"
+        "from selftpt.sweep import RunLock\n"
         "assert RunLock(Path(sys.argv[1]), sweep_pid=7).acquire() is None\nprint('held', flush=True)\ntime.sleep(300)"),
         str(folder), str(REPO)], stdout=subprocess.PIPE, text=True)
     try:

@@ -125,6 +125,16 @@ def test_bad_names_give_one_line_errors(tmp_path, tiny_data_root, tiny_clip_path
     assert not out.exists()  # nothing half-written
 
 
+def test_a_renamed_dataset_config_still_loads_with_one_note(capsys):
+    args = build_parser().parse_args(["--dataset-config-file", "configs/datasets/imagenetv2.yaml"])
+    cfg = setup_cfg(args)
+    assert cfg.DATASET.NAME == "ImageNetV2"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "configs/datasets/imagenetv2.yaml is now configs/datasets/imagenet_v2.yaml" in err
+    with pytest.raises(Exception, match="not found"):  # a name that never existed is still refused
+        setup_cfg(build_parser().parse_args(["--dataset-config-file", "configs/datasets/imagenetv3.yaml"]))
+
+
 def test_bad_key_in_config_file_names_key_and_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("OPTIM:\n  LRR: 0.1\n")

@@ -34,6 +34,7 @@ from selftpt.toolbox import (
 from selftpt.trainer_base import PromptedClipTrainer
 from selftpt.views import TestTimeViews
 
+
 def differentiable_attention(needed: bool) -> contextlib.AbstractContextManager:
     """The math attention kernel where a gradient must itself be differentiated (GM): the
     fused kernels implement no double backward. Elsewhere the default (faster) kernels."""

@@ -293,7 +293,7 @@ class SceneSampler:
             main_layer = int(rng.integers(0, k + 1)) if rng.random() < 0.3 else k
             objs = [(colors[i], shapes[i], patterns[i], cx, cy, size, main_layer)]
             dl = []
-            for j, layer in enumerate(l for l in range(k + 1) if l != main_layer):
+            for layer in (other for other in range(k + 1) if other != main_layer):
                 while True:
                     if self.distractor_pairs is not None:
                         dc, ds = self.distractor_pairs[rng.integers(len(self.distractor_pairs))]
@@ -364,7 +364,8 @@ class SceneSampler:
                     box = (cx - 1.5 * size, cy + off - w / 2, cx + rng.uniform(-0.3, 1.5) * size, cy + off + w / 2)
                 else:
                     box = (cx + off - w / 2, cy - 1.5 * size, cx + off + w / 2, cy + rng.uniform(-0.3, 1.5) * size)
-                post["occluder"][i] = (1, *box, *colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.2, 0.9)))
+                rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.2, 0.9))
+                post["occluder"][i] = (1, *box, *rgb)
 
         table = ObjectTable(
             image=np.asarray(rows["image"]), layer=np.asarray(rows["layer"]), shape=rows["shape"],

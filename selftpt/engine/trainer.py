@@ -270,7 +270,7 @@ class TrainerBase:
         self.start_epoch = start_epoch
         self.max_epoch = max_epoch
         self.before_train()
-        for self.epoch in range(self.start_epoch, self.max_epoch):
+        for self.epoch in range(self.start_epoch, self.max_epoch):  # noqa: B020  (Dassl's hooks read self.epoch)
             self.before_epoch()
             self.run_epoch()
             self.after_epoch()
@@ -466,7 +466,7 @@ class TrainerX(SimpleTrainer):
         print_freq = self.cfg.TRAIN.PRINT_FREQ
 
         end = time.time()
-        for self.batch_idx, batch in enumerate(self.train_loader_x):
+        for self.batch_idx, batch in enumerate(self.train_loader_x):  # noqa: B020  (as Dassl: hooks read it)
             data_time.update(time.time() - end)
             loss_summary = self.forward_backward(batch)
             batch_time.update(time.time() - end)
