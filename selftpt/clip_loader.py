@@ -23,6 +23,7 @@ with warnings.catch_warnings():  # clip imports the deprecated pkg_resources
     from clip.model import CLIP, build_model, convert_weights
 
 from selftpt.errors import ConfigError, UserError
+from selftpt.fsmode import atomic_write
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -61,11 +62,17 @@ CLIP_ARCHS: dict[str, dict[str, Any]] = {
     "Bench-RN-T": dict(embed_dim=128, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=16,
                        vision_patch_size=None, context_length=32, vocab_size=49408,
                        transformer_width=128, transformer_heads=2, transformer_layers=3),
+    # The benchmark's second backbone (selftpt/benchmark/staged.py): Bench-RN-T's
+    # trunk at 64 px (the 32-px images upsampled), so the stem leaves 16x16 of the image, not
+    # 8x8; trainer configs for it set INPUT.SIZE (64, 64).
+    "Bench-RN-S": dict(embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
+                       vision_patch_size=None, context_length=32, vocab_size=49408,
+                       transformer_width=128, transformer_heads=2, transformer_layers=3),
 }
 
 # Built-in backbones: name -> file under selftpt/assets (a state_dict made by the
 # project's own pretraining script, see selftpt/benchmark/pretrain.py).
-BUILTIN_BACKBONES: dict[str, str] = {"Bench-RN-T": "bench_rn_tiny.pt"}
+BUILTIN_BACKBONES: dict[str, str] = {"Bench-RN-T": "bench_rn_tiny.pt", "Bench-RN-S": "bench_rn_small.pt"}
 
 
 class BackboneError(UserError, ValueError):
@@ -193,9 +200,8 @@ def save_state_dict(model: CLIP, path: str | os.PathLike, half: bool = True) -> 
     """Write a CLIP model's weights as a state_dict that ``load_clip`` reads (atomically)."""
     if half:
         convert_weights(model)
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(model.state_dict(), f)
 
 
 def token_count(text: str) -> int:

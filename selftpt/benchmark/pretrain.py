@@ -20,6 +20,12 @@ of data-loading workers. Usage::
 
 writes the fp16 state_dict (``clip_loader.save_state_dict``) and a JSON sidecar with the
 settings, the time taken and the zero-shot accuracy on every benchmark dataset.
+
+``--recipe staged`` pretrains the second backbone, ``Bench-RN-S``, instead (``staged.py``:
+supervised image tower on the world's free labels, clean then mixed styles, then the text tower
+against the locked image tower)::
+
+    python -m selftpt.benchmark.pretrain --recipe staged --out selftpt/assets/bench_rn_small.pt
 """
 from __future__ import annotations
 
@@ -198,7 +204,8 @@ def pretrain(out: str | os.PathLike, steps: int = 1200, batch_size: int = 128, l
     model = build_model(seed)
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+        opt, lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     log.info("pretraining %s: %d steps x %d pairs, lr %g, seed %d, %d threads, %d workers",
              BACKBONE_NAME, steps, batch_size, lr, seed, threads, workers)
     start = time.time()
@@ -252,21 +259,45 @@ def pretrain(out: str | os.PathLike, steps: int = 1200, batch_size: int = 128, l
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the benchmark's tiny CLIP (" + BACKBONE_NAME + ")")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / ASSET_FILE))
-    parser.add_argument("--steps", type=int, default=1200)
+    from selftpt.benchmark import staged
+
+    parser = argparse.ArgumentParser(description="Pretrain the benchmark's tiny CLIP (" + BACKBONE_NAME
+                                     + ", or " + staged.BACKBONE_NAME + " with --recipe staged)")
+    parser.add_argument("--recipe", choices=("contrastive", "staged"), default="contrastive",
+                        help="contrastive: " + BACKBONE_NAME + " (this module); staged: "
+                        + staged.BACKBONE_NAME + " (staged.py)")
+    parser.add_argument("--out", default="", help="state_dict to write [the recipe's file in selftpt/assets]")
+    parser.add_argument("--steps", type=int, default=1200, help="contrastive recipe only")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="contrastive recipe only")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fashion", action="store_true", help="pretrain without Fashion-MNIST")
     parser.add_argument("--eval-root", default="", help="dataset root for the final zero-shot evaluation")
     parser.add_argument("--no-eval", action="store_true")
+    defaults = staged.Recipe()
+    staged_options = ("clean_steps", "photo_steps", "refine_steps", "text_steps", "text_batch", "pool_world",
+                      "pool_fashion", "caption_version")
+    for name in staged_options:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                            help=f"staged recipe only [{getattr(defaults, name)}]")
+    parser.add_argument("--image-cache", default="",
+                        help="staged recipe only: folder keeping the image tower after stages 1-2 (keyed by "
+                        "their settings) and reading it back when present [off]")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    pretrain(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-             workers=args.workers, threads=args.threads, use_fashion=not args.no_fashion,
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    if args.recipe == "staged":
+        recipe = staged.Recipe(seed=args.seed, batch_size=args.batch_size,
+                               **{k: getattr(args, k) for k in staged_options})
+        staged.pretrain_staged(args.out or assets / staged.ASSET_FILE, recipe, workers=args.workers,
+                               threads=args.threads, use_fashion=not args.no_fashion,
+                               evaluate=not args.no_eval, eval_root=args.eval_root or None,
+                               image_cache=args.image_cache or None)
+        return
+    pretrain(args.out or str(assets / ASSET_FILE), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+             seed=args.seed, workers=args.workers, threads=args.threads, use_fashion=not args.no_fashion,
              eval_root=args.eval_root or None, evaluate=not args.no_eval)
 
 
