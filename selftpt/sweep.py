@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from selftpt import dataset_catalog, protocols
+from selftpt.benchmark.protocols import available_targets
 from selftpt.cli import user_errors
 from selftpt.errors import UserError
 from selftpt.results import (
@@ -1143,11 +1144,25 @@ def main(argv: list[str] | None = None, modules: Sequence[str] = ()) -> int:
             signal.signal(signal.SIGTERM, old_term)
 
 
+def _option(opts: Sequence[str], key: str) -> str | None:
+    """The value that trailing ``KEY VALUE`` options give ``key`` (the last one), else None."""
+    values = [opts[i + 1] for i in range(0, len(opts) - 1, 2) if opts[i] == key]
+    return values[-1] if values else None
+
+
 def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str], modules: Sequence[str]) -> int:
     defaults = protocol_defaults(args.protocol, args.data)
     args.source = defaults.source if args.source is None else current_stems([args.source])[0]
+    explicit = bool(args.datasets)
     args.datasets = current_stems(args.datasets) if args.datasets else list(defaults.targets)
     args.shots = args.shots or list(defaults.shots)
+    if not args.data:  # the benchmark: Fashion-MNIST's files may be missing (a default without them is
+        # left out with a note; a named one is an error saying how to get them)
+        args.datasets = available_targets(args.datasets, explicit, _option(args.opts, "DATASET.ROOT"))
+        if args.source:
+            available_targets([args.source], True, _option(args.opts, "DATASET.ROOT"))
+        if not args.datasets:
+            raise UserError("no dataset left to run (see the note above)")
     for stem in [*args.datasets, *([args.source] if args.source else [])]:
         if not (REPO / "configs" / "datasets" / f"{stem}.yaml").is_file():
             known = sorted(p.stem for p in (REPO / "configs" / "datasets").glob("*.yaml"))

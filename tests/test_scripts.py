@@ -136,3 +136,81 @@ def test_failed_run_is_reported_in_one_line_and_the_sweep_fails(tmp_path, capsys
     assert "[1/2] FAILED: error: Command-line option: Non-existent key: OPTIM.LRR (did you mean OPTIM.LR?)" in out
     assert "[2/2]" not in out  # the chain stops: its test run needs the training run
     assert not list(tmp_path.rglob("results.json"))
+
+
+def offline_without_fashion_mnist(env, tmp_path):
+    """``env`` as on a fresh machine without Debian's Fashion-MNIST and without internet: the
+    package's folder is an empty one, and every download goes to a closed local port."""
+    env.pop("SELFTPT_FASHION_MNIST", None)
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    (tmp_path / "no_package").mkdir(exist_ok=True)
+    env["SELFTPT_FASHION_MNIST_SYSTEM_DIR"] = str(tmp_path / "no_package")
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[var] = "http://127.0.0.1:9"
+    return env
+
+
+def test_main_job_without_fashion_mnist_leaves_it_out_with_one_note(tmp_path):
+    env = offline_without_fashion_mnist(script_env(tmp_path, DRY_RUN="1", SEEDS="1", METHODS="zsclip coop"),
+                                        tmp_path)
+    env.pop("DATASETS", None)
+    job = subprocess.run(["bash", "scripts/main.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert job.returncode == 0, job.stdout + job.stderr
+    notes = [line for line in job.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: FashionMNIST left out of the default datasets")
+    assert "apt-get install dataset-fashion-mnist" in notes[0]
+    assert "fashion_mnist" not in job.stdout and "FAILED" not in job.stdout
+    for dataset in ("shapeworld", "moreshapes", "shapepatterns"):
+        assert f"train_base/{dataset}/shots_16/CoOp/bench/seed1" in job.stdout
+        assert f"test_new/{dataset}/shots_16/ZeroshotCLIP/bench/unseeded" in job.stdout
+    # named explicitly, it is an error saying how to get the files, before anything is planned
+    env["DATASETS"] = "shapeworld fashion_mnist"
+    named = subprocess.run(["bash", "scripts/main.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert named.returncode == 2 and "===" not in named.stdout
+    errors = [line for line in named.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "FashionMNIST (fashion_mnist) cannot be generated" in errors[0]
+    assert "apt-get install dataset-fashion-mnist" in errors[0] and "$SELFTPT_FASHION_MNIST" in errors[0]
+
+
+def _fail_download(*args, **kwargs):
+    raise RuntimeError("offline (test)")
+
+
+@pytest.mark.parametrize("protocol", ["base2new", "xd"])
+def test_sweep_defaults_leave_out_a_missing_fashion_mnist(tmp_path, monkeypatch, capsys, protocol):
+    import torchvision
+
+    from selftpt.benchmark import fashion
+    from selftpt.sweep import main as sweep_main
+
+    monkeypatch.delenv(fashion.ENV_VAR, raising=False)
+    monkeypatch.setenv(fashion.SYSTEM_DIR_ENV, str(tmp_path / "no_package"))
+    monkeypatch.setenv("SELFTPT_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", _fail_download)
+    args = [protocol, "--trainer", "CoOp", "--cfg", "bench", "--seeds", "1", "--output", str(tmp_path / "out"),
+            "--dry-run"]
+    assert sweep_main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("note: FashionMNIST left out of the default datasets") == 1
+    assert "offline (test)" in captured.err
+    assert "fashion_mnist" not in captured.out and "moreshapes" in captured.out
+    assert sweep_main([*args, "--datasets", "moreshapes", "fashion_mnist"]) == 2  # named: an error
+    err = capsys.readouterr().err
+    assert "error: FashionMNIST (fashion_mnist) cannot be generated" in err and "apt-get install" in err
+    # with the files there (here: a folder holding the four names), the defaults are unchanged
+    package = tmp_path / "package"
+    package.mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (package / stem).write_bytes(b"")
+    monkeypatch.setenv(fashion.SYSTEM_DIR_ENV, str(package))
+    assert sweep_main(args) == 0
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err and "fashion_mnist" in captured.out
+    # a wrong $SELFTPT_FASHION_MNIST is the user's choice: an error naming it, never a quiet skip
+    monkeypatch.setenv(fashion.ENV_VAR, str(tmp_path / "wrong"))
+    assert sweep_main(args) == 2
+    assert f"$SELFTPT_FASHION_MNIST is set, but no such folder: {tmp_path / 'wrong'}" in capsys.readouterr().err

@@ -5,7 +5,9 @@ Read from the IDX files of, in this order:
 1. the folder named by ``$SELFTPT_FASHION_MNIST`` (when set it must hold the files: a wrong
    path is an error naming it, never silently passed over for another copy);
 2. Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``),
-   which puts them in ``/usr/share/datasets/fashion-mnist``;
+   which puts them in ``/usr/share/datasets/fashion-mnist`` (``$SELFTPT_FASHION_MNIST_SYSTEM_DIR``
+   names another folder to look in instead, e.g. an empty one, to try how the project behaves on
+   a machine without the package);
 3. torchvision's copy under ``<cache>/FashionMNIST/raw``, downloaded with
    ``torchvision.datasets.FashionMNIST(download=True)`` when ``download=True`` (a user's
    machine with internet; the project's build machines have the Debian package instead).
@@ -22,6 +24,8 @@ import numpy as np
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "SELFTPT_FASHION_MNIST"
+# Where Debian's package is looked for, instead of DEBIAN_DIR (tests: a machine without the package).
+SYSTEM_DIR_ENV = "SELFTPT_FASHION_MNIST_SYSTEM_DIR"
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -78,12 +82,17 @@ def _missing(folder: Path) -> list[str]:
     return [s for pair in _FILES.values() for s in pair if _find(folder, s) is None]
 
 
+def system_dir() -> Path:
+    """Where Debian's package is looked for: ``$SELFTPT_FASHION_MNIST_SYSTEM_DIR`` or ``DEBIAN_DIR``."""
+    return Path(os.environ[SYSTEM_DIR_ENV]).expanduser() if os.environ.get(SYSTEM_DIR_ENV) else DEBIAN_DIR
+
+
 def candidate_dirs(cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Folders searched for the IDX files, in order."""
     dirs = []
     if os.environ.get(ENV_VAR):
         dirs.append(Path(os.environ[ENV_VAR]).expanduser())
-    dirs.append(DEBIAN_DIR)
+    dirs.append(system_dir())
     if cache_dir is not None:
         dirs.append(Path(cache_dir) / "FashionMNIST" / "raw")
     return dirs

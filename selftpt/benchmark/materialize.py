@@ -244,6 +244,28 @@ def is_materialized(name: str, root: str | os.PathLike) -> bool:
     return all(meta.get(k) == v for k, v in expected.items()) and (folder / split_filename(name)).is_file()
 
 
+def unavailable(name: str, root: str | os.PathLike | None = None,
+                download: bool = True) -> fashion.FashionMNISTUnavailable | None:
+    """Why benchmark dataset ``name`` cannot be generated under ``root`` here, or None when it can.
+
+    Only Fashion-MNIST needs files from outside the repository: it can be generated when a
+    complete copy is already under ``root`` or its IDX files are found (see ``fashion.locate``),
+    after downloading them into ``root``'s download cache (where ``materialize`` looks) when
+    ``download`` allows.
+    """
+    spec = get_dataset(name)
+    if not isinstance(spec, FashionDataset):
+        return None
+    root = Path(root).expanduser().resolve() if root else default_data_root()
+    if is_materialized(name, root):
+        return None
+    try:
+        fashion.locate(root / "_downloads", download)
+    except fashion.FashionMNISTUnavailable as exc:
+        return exc
+    return None
+
+
 def materialize(name: str, root: str | os.PathLike | None = None, download: bool = False,
                 verbose: bool = True, force: bool = False) -> Path:
     """Make sure benchmark dataset ``name`` is on disk under ``root``; return its folder.
@@ -269,7 +291,7 @@ def materialize(name: str, root: str | os.PathLike | None = None, download: bool
     if isinstance(spec, WorldDataset):
         arrays = world_split_arrays(spec)
     else:
-        arrays = fashion_split_arrays(spec, root / "_downloads", download)
+        arrays = fashion_split_arrays(spec, root / "_downloads", download)  # the cache unavailable() fills
     tmp = _make_temp(root, spec.dataset_dir, "tmp")
     chmod_folder(tmp)  # mkdtemp's 0700 -> the umask's mode: it becomes the dataset folder
     try:
