@@ -4,6 +4,7 @@ import torch
 
 from selftpt.clip_loader import build_random_clip, tokenize
 from selftpt.cpt import ContrastivePromptTask, class_chunks, sample_classes
+from selftpt.errors import ConfigError
 from selftpt.prompt_learner import PromptLearner
 from selftpt.prompted_clip import PromptedCLIP
 from tests.helpers import TINY_CLIP_ARCH
@@ -132,3 +133,79 @@ def test_csc_is_ignored_with_ctx_init_as_coop(clip_model, capsys):
     assert learner.ctx.shape == (4, 64) and not learner.csc
     assert "CSC is ignored with CTX_INIT" in capsys.readouterr().out
     assert PromptLearner(NAMES, clip_model, n_ctx=4, csc=True).ctx.shape == (3, 4, 64)
+
+
+# ---------------------------------------------------------------- from the mutation run (docs/testing.md)
+def test_unknown_layouts_are_refused_naming_the_key(clip_model):
+    with pytest.raises(ConfigError, match=r"^CLASS_TOKEN_POSITION must be one of \('end', 'middle', 'front'\), "
+                                          r"got 'left'$"):
+        PromptLearner(NAMES, clip_model, n_ctx=4, class_token_position="left")
+    learner = PromptLearner(NAMES, clip_model, n_ctx=4, class_token_position="front")
+    with pytest.raises(ConfigError, match=r"^Unknown class token position 'left'; use one of \('end'"):
+        learner("left")
+    assert torch.equal(learner(), learner("front"))  # the default layout is the configured one
+
+
+def test_ctx_init_words_may_be_joined_by_underscores_and_padded(clip_model):
+    plain = PromptLearner(NAMES, clip_model, ctx_init="a photo of a")
+    padded = PromptLearner(NAMES, clip_model, ctx_init="  a_photo_of a ")
+    assert padded.n_ctx == 4 and padded.prompt_prefix == "a photo of a"
+    assert torch.equal(padded.ctx.data, plain.ctx.data)
+    assert torch.equal(padded.tokenized_prompts, plain.tokenized_prompts)
+
+
+def test_random_context_is_normal_with_std_002_around_x_placeholders(clip_model):
+    torch.manual_seed(0)
+    learner = PromptLearner(NAMES, clip_model, n_ctx=16)
+    assert learner.ctx.dtype == torch.float32 and learner.ctx.shape == (16, 64) and not learner.csc
+    assert 0.018 < learner.ctx.data.std().item() < 0.022 and learner.ctx.data.mean().abs() < 0.003
+    assert learner.prompt_prefix == " ".join(["X"] * 16)
+    # every position but the context is the embedding of CoOp's placeholder prompt "X X ... X name."
+    tokens = tokenize([f"{' '.join(['X'] * 16)} {n}." for n in learner.classnames], 32)
+    assert torch.equal(learner.tokenized_prompts, tokens)
+    expected = clip_model.token_embedding(tokens)
+    prompts = learner("end")
+    assert torch.equal(prompts[:, :1], expected[:, :1]) and torch.equal(prompts[:, 17:], expected[:, 17:])
+    assert set(learner.state_dict()) == {"ctx", "token_prefix", "token_suffix"}  # CoOp's keys
+    default = PromptLearner(NAMES, clip_model)
+    assert default.n_ctx == 16 and default.ctx.shape == (16, 64) and default.class_token_position == "end"
+
+
+def test_class_specific_context_renders_each_classs_own_context(clip_model):
+    learner = PromptLearner(NAMES, clip_model, n_ctx=2, csc=True)
+    assert learner.csc and learner.ctx.shape == (3, 2, 64)
+    ctx = torch.randn(3, 2, 64)
+    indices = torch.tensor([2, 0])
+    for position, at in (("end", [1, 2]), ("middle", [1])):
+        prompts = learner(position, ctx=ctx, indices=indices)
+        assert prompts.shape == (2, 32, 64)
+        for row, cls in enumerate(indices.tolist()):
+            assert torch.equal(prompts[row, at], ctx[cls, :len(at)])
+            assert torch.equal(prompts[row, 0], learner.token_prefix[cls, 0])
+    front = learner("front", indices=torch.tensor([1]))
+    name_len = learner.name_lens[1]
+    assert torch.equal(front[0, 1 + name_len:3 + name_len], learner.ctx.data[1])
+    learner.set_classnames(["cat", "dog", "cow"])  # same number of classes: allowed
+    with pytest.raises(ConfigError, match=r"^Class-specific context was learnt for 3 classes and cannot be applied "
+                                          r"to 2 other classes; use CSC False to transfer prompts$"):
+        learner.set_classnames(["cat", "dog"])
+
+
+def test_the_longest_prompt_that_fits_is_accepted_and_one_more_token_is_refused(clip_model):
+    name = " ".join(["cat"] * 25)  # 25 tokens: SOS + 4 context + 25 + "." + EOT = 32, the context length
+    learner = PromptLearner(["dog", name], clip_model, n_ctx=4)
+    assert learner.tokenized_prompts[1, 31] == learner.tokenized_prompts.max()  # EOT in the last position
+    message = (r"N_CTX 5 is too long for the text encoder's 32 tokens: the prompt of class '{}' needs 33 \(start, "
+               r"5 context tokens, 25 for the name, '.', end\); lower {}N_CTX or shorten {}CTX_INIT$")
+    with pytest.raises(ConfigError, match="^" + message.format(name, "", "")):
+        PromptLearner(["dog", name], clip_model, n_ctx=5)
+    key = r"TRAINER\.COOP\."
+    with pytest.raises(ConfigError, match="^" + key + message.format(name, key, key)):
+        PromptLearner(["dog", name], clip_model, n_ctx=5, config_node="TRAINER.COOP")
+
+
+def test_one_class_is_a_class_list_and_none_is_refused(clip_model):
+    learner = PromptLearner(["cat"], clip_model, n_ctx=2)
+    assert learner().shape == (1, 32, 64)
+    with pytest.raises(ValueError, match=r"^The class list is empty; a prompt needs at least one class name$"):
+        learner.set_classnames([])
