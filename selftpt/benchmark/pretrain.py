@@ -37,6 +37,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,24 @@ PATTERN_PROB = 0.45  # share of main objects with a non-solid fill
 FASHION_FRACTION = 0.15
 
 
+def contrastive_step(model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor,
+                     opt: torch.optim.Optimizer, sched: Any) -> float:
+    """One CLIP training step on L2-normalised image and text features: the symmetric
+    cross-entropy of their scaled cosines, the optimiser and scheduler steps, and CLIP's clamp
+    of the logit scale at 100. Returns the loss."""
+    logits = model.logit_scale.exp() * img @ txt.t()
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+
 # --------------------------------------------------------------------------------- the data
+
 
 def _main_object_table() -> tuple[list[tuple[str, str]], np.ndarray]:
     """All (colour, shape) pairs with their sampling weights (unseen 0, rare RARE_WEIGHT)."""
@@ -217,15 +235,7 @@ def pretrain(out: str | os.PathLike, steps: int = 1200, batch_size: int = 128, l
         txt = encode_text_tokens(model, tokens)
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
-        logits = model.logit_scale.exp() * img @ txt.t()
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        history.append(loss.item())
+        history.append(contrastive_step(model, img, txt, labels, opt, sched))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(history[-10:]):.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
         if step % 100 == 0 or step == steps - 1:

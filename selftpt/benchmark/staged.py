@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from selftpt.benchmark import captions, fashion
 from selftpt.benchmark.catalog import PRETRAIN_SEED_BASE, PRETRAIN_TIERS, FashionDataset
+from selftpt.benchmark.pretrain import contrastive_step
 from selftpt.benchmark.world import COLORS, PATTERNS, SHAPES, WORLD_VERSION, SceneSampler, render_scenes
 from selftpt.clip_loader import CLIP_ARCHS
 from selftpt.text_encoder import encode_text_tokens
@@ -308,15 +309,7 @@ def train_text_tower(model, recipe: Recipe, pool: dict, progress=None) -> dict:
         tokens = clip.tokenize(texts, context_length=model.context_length, truncate=True)
         txt = encode_text_tokens(model, tokens)
         txt = txt / txt.norm(dim=-1, keepdim=True)
-        logits = model.logit_scale.exp() * img @ txt.t()
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        history.append(loss.item())
+        history.append(contrastive_step(model, img, txt, labels, opt, sched))
         if (step + 1) % 50 == 0 or step + 1 == recipe.text_steps:
             log.info("text step %d/%d loss %.3f scale %.1f (%.0fs)", step + 1, recipe.text_steps,
                      np.mean(history[-50:]), model.logit_scale.exp().item(), time.time() - start)
