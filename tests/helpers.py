@@ -121,16 +121,26 @@ def tiny_opts(root: Path, clip_path: Path, trainer: str = "CoOp") -> list[str]:
         "OPTIM.MAX_EPOCH": "2", "OPTIM.LR_SCHEDULER": "cosine", "TRAIN.PRINT_FREQ": "5",
         "USE_CUDA": "False",
     }
-    for node in sorted({cls.CFG_NODE for cls in registered_trainers().values()}):
-        settings[f"TRAINER.{node}.PREC"] = "fp32"
+    settings.update(fp32_everywhere())
     return [x for kv in settings.items() for x in kv]
+
+
+def fp32_everywhere() -> dict[str, str]:
+    """``TRAINER.<NODE>.PREC fp32`` for every registered trainer's node: CPU tests compare
+    against fp32 references, whatever a trainer's own default precision is."""
+    return {f"TRAINER.{node}.PREC": "fp32" for node in sorted({cls.CFG_NODE for cls in registered_trainers().values()})}
+
+
+def project_cfg(opts: list[str]):
+    """Dassl's defaults extended with the project's keys, with ``opts`` (``KEY, VALUE, ...``) merged."""
+    cfg = extend_cfg(get_cfg_default())
+    cfg.merge_from_list(opts)
+    return cfg
 
 
 def tiny_cfg(root: Path, clip_path: Path, trainer: str = "CoOp", opts: tuple = ()):
     """The frozen-free config of ``tiny_opts`` plus ``opts``."""
-    cfg = extend_cfg(get_cfg_default())
-    cfg.merge_from_list(tiny_opts(root, clip_path, trainer) + list(opts))
-    return cfg
+    return project_cfg(tiny_opts(root, clip_path, trainer) + list(opts))
 
 
 class ListLoader(list):

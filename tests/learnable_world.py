@@ -54,6 +54,7 @@ from datasets.template import SplitDataset
 from selftpt.clip_loader import save_state_dict, tokenize
 from selftpt.text_encoder import encode_text_tokens
 from selftpt.toolbox import DATASET_REGISTRY, build_transform, read_image
+from tests.helpers import fp32_everywhere, project_cfg
 
 IMAGE_SIZE = 32
 # clip.model.CLIP arguments. A ModifiedResNet learns shape from a few hundred contrastive
@@ -294,19 +295,13 @@ def learnable_opts(root: Path, clip_path: Path, trainer: str = "CoOp") -> list[s
         "TRAINER.COOP.N_CTX": "4", "TRAINER.COOP.CTX_INIT": "a photo of a",
         "TRAINER.COCOOP.N_CTX": "4", "TRAINER.COCOOP.CTX_INIT": "a photo of a",
     }
-    for node in ("COOP", "SELFTPT", "TPT", "COCOOP", "ZSCLIP"):
-        settings[f"TRAINER.{node}.PREC"] = "fp32"
+    settings.update(fp32_everywhere())
     return [x for kv in settings.items() for x in kv]
 
 
 def learnable_cfg(root: Path, clip_path: Path, trainer: str = "CoOp", opts: tuple = ()):
     """The config of ``learnable_opts`` plus ``opts`` (``KEY, VALUE`` pairs)."""
-    from selftpt.config import extend_cfg
-    from selftpt.toolbox import get_cfg_default
-
-    cfg = extend_cfg(get_cfg_default())
-    cfg.merge_from_list(learnable_opts(root, clip_path, trainer) + list(opts))
-    return cfg
+    return project_cfg(learnable_opts(root, clip_path, trainer) + list(opts))
 
 
 # ------------------------------------------------------------------------ measurements
