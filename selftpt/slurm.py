@@ -195,13 +195,13 @@ class ChainJob(_checkpointable()):  # type: ignore[misc]
             import torch
             torch.set_num_threads(self.threads)
         ended: list[tuple[int, str, str]] = []
+        folders = {index: step.folder for index, step in self.steps}
 
-        def report(kind: str, index: int, *rest: str) -> None:
+        def report(kind: str, index: int, *rest: str) -> None:  # the job's log: one line per run
             if kind == "end":
                 ended.append((index, rest[0], rest[1]))
-                print(f"{rest[0]}: {self.steps_by_index[index].folder} ({rest[1]})", flush=True)
+                print(f"{rest[0]}: {folders[index]} ({rest[1]})", flush=True)
 
-        self.steps_by_index = dict(self.steps)
         sweeps.run_chain(self.sweep, self.steps, report, os.getpid())
         return ended
 
