@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the sweep imports this module
 __all__ = ["SUITE_BACKBONES", "Defaults", "Protocol", "PROTOCOLS", "register", "get_protocol", "folder_names"]
 
 # The backbone each suite's shipped trainer configs use (the paper's ViT-B/16, the benchmark's tiny CLIP).
-SUITE_BACKBONES = {dataset_catalog.PAPER: "ViT-B/16", dataset_catalog.BENCHMARK: "Bench-RN-T"}
+SUITE_BACKBONES = {dataset_catalog.PAPER: "ViT-B/16", dataset_catalog.BENCHMARK: "Bench-RN-S"}
 
 
 @dataclass(frozen=True)

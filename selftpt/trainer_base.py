@@ -25,7 +25,7 @@ from selftpt.errors import UserError
 from selftpt.feature_cache import cached_eval_logits
 from selftpt.precision import autocast, make_grad_scaler, resolve_precision
 from selftpt.prompt_learner import PromptLearner
-from selftpt.safe_data import SafeDatasetWrapper, drop_skipped
+from selftpt.safe_data import drop_skipped
 from selftpt.toolbox import (
     DataManager,
     TrainerX,
@@ -34,6 +34,7 @@ from selftpt.toolbox import (
     load_checkpoint,
     load_pretrained_weights,
 )
+from selftpt.views import ItemSeededDatasetWrapper
 
 # Buffers that depend on the class names: rebuilt for the current classes, never loaded.
 CLASS_DEPENDENT_KEYS = ("token_prefix", "token_suffix", "tokenized_prompts")
@@ -87,13 +88,14 @@ class ClipTrainer(TrainerX):
 
     def build_data_loader(self, cfg: Any = None) -> None:
         """Dassl's ``SimpleTrainer.build_data_loader`` with ``custom_test_transform`` and a
-        wrapper that reports (or, with DATASET.SKIP_CORRUPT_IMAGES, skips) unreadable images.
+        wrapper that reports (or, with DATASET.SKIP_CORRUPT_IMAGES, skips) unreadable images and
+        draws each test item's random views from its own seed (``views.ItemSeededDatasetWrapper``).
 
         Args:
             cfg: a variant of ``self.cfg`` for the loaders (e.g. another test batch size).
         """
         dm = DataManager(cfg or self.cfg, custom_tfm_test=self.custom_test_transform(),
-                         dataset_wrapper=SafeDatasetWrapper)
+                         dataset_wrapper=ItemSeededDatasetWrapper)
         self.dm = dm
         self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
         self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
@@ -126,6 +128,9 @@ class ClipTrainer(TrainerX):
         name = cfg.MODEL.BACKBONE.NAME
         print(f"Loading CLIP (backbone: {name}, precision: {self.precision})")
         clip_model = load_clip(name, cfg.MODEL.BACKBONE.PATH, device="cpu", precision=self.precision)
+        if getattr(clip_model, "preprocess", None) is not None:  # open_clip: size, mean/std, interpolation
+            from selftpt.open_clip_backend import check_input
+            check_input(clip_model.preprocess, cfg.INPUT, name)
         resolution = clip_model.visual.input_resolution
         if tuple(cfg.INPUT.SIZE) != (resolution, resolution):
             raise UserError(

@@ -6,9 +6,16 @@ crop, the config's interpolation: bicubic for CLIP); each other view is a
 horizontal flip and, for all but ImageNet and its variants, an AugMix blend of that flipped
 crop (``selftpt.augmix``: Hendrycks et al.'s operations at severity 1, mixed in normalised
 float space). Without AugMix an augmented view is the preprocessed crop + flip alone.
+
+The views of a test item are drawn from a seed of the run's seed and the item's index in the
+test split (``ItemSeededDatasetWrapper``), not from one global random stream as in TPT's code:
+the distribution of views is TPT's, but which views an image gets no longer depends on the
+images before it, the number of data-loader workers, or which part of the test set a process
+evaluates, so a test set split across processes gives the predictions of one process.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import torch
@@ -17,6 +24,7 @@ from torchvision import transforms as T
 
 from selftpt.augmix import augmix as augmix_blend
 from selftpt.errors import ConfigError
+from selftpt.safe_data import SafeDatasetWrapper
 
 # TPT applies no AugMix to ImageNet and its variants (single-letter set ids in its code).
 NO_AUGMIX_DATASETS = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
@@ -104,3 +112,29 @@ class TestTimeViews:
         return (f"TestTimeViews(n_views={self.n_views}, clean={self.base}, augmented={self.preaugment}, "
                 f"augmix={'severity ' + str(AUGMIX_SEVERITY) if self.augmix else 'off'}, "
                 f"preprocess={self.preprocess})")
+
+
+def item_seed(run_seed: int, index: int) -> int:
+    """The seed of test item ``index``'s random views in a run seeded ``run_seed`` (63 bits).
+
+    A hash rather than ``run_seed * n + index`` so that no item of one seed shares its views with
+    an item of another seed.
+    """
+    digest = hashlib.sha256(f"{run_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class ItemSeededDatasetWrapper(SafeDatasetWrapper):
+    """``SafeDatasetWrapper`` whose test items draw their random views from ``item_seed``.
+
+    Training items keep the global stream (a fixed seed per item would give every epoch the
+    same augmentation). With ``SEED`` < 0 (Dassl's "random seed") nothing is seeded. The global
+    random state is left as it was, so seeding items does not change what anything else draws.
+    """
+
+    def __getitem__(self, idx: int) -> dict:
+        if self.is_train or self.cfg.SEED < 0:
+            return super().__getitem__(idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.cfg.SEED, idx))
+            return super().__getitem__(idx)

@@ -269,7 +269,7 @@ def test_paper_defaults_of_every_protocol():
     assert default_datasets("base2new", "/data") == default_datasets("fewshot", "/data") == ("", list(PAPER_ELEVEN))
     assert default_datasets("xd", "/data") == ("imagenet", list(PAPER_ELEVEN[1:]))
     assert [protocol_defaults(p, "/data").shots for p in PROTOCOLS] == [(16,), (16,), (16,), (1, 2, 4, 8, 16)]
-    assert {protocol_defaults(p, d).backbone for p in PROTOCOLS for d in ("", "/data")} == {"Bench-RN-T", "ViT-B/16"}
+    assert {protocol_defaults(p, d).backbone for p in PROTOCOLS for d in ("", "/data")} == {"Bench-RN-S", "ViT-B/16"}
 
 
 def test_protocol_names_aliases_and_table_order():

@@ -181,3 +181,55 @@ def test_without_augmix_augmented_views_are_crop_and_flip_only():
         expected = [PREPROCESS(reference_crop_and_flip(image)) for _ in range(5)]
         assert out.shape == (6, 3, 32, 32)
         assert all(torch.equal(out[i + 1], e) for i, e in enumerate(expected))
+
+
+# --------------------------------------------------------------------------- views seeded per item
+def seeded_items(tmp_path, seed: int, is_train: bool = False, n_images: int = 4):
+    """An ``ItemSeededDatasetWrapper`` over ``n_images`` noise images with TPT's views (AugMix on)."""
+    from selftpt.toolbox import Datum
+    from tests.helpers import project_cfg
+
+    cfg = project_cfg(["SEED", str(seed), "INPUT.SIZE", "(32, 32)"])
+    data = []
+    for i in range(n_images):
+        path = tmp_path / f"{i}.png"
+        noise_image(40, 36, seed=i).save(path)
+        data.append(Datum(impath=str(path), label=i % 2, domain=0))
+    views = tv.TestTimeViews(cfg.INPUT.SIZE, n_views=5, augmix=True)
+    return tv.ItemSeededDatasetWrapper(cfg, data, transform=views, is_train=is_train)
+
+
+def test_a_test_items_views_depend_on_the_run_seed_and_its_index_alone(tmp_path):
+    items = seeded_items(tmp_path, seed=1)
+    forward = [items[i]["img"] for i in range(4)]
+    torch.manual_seed(123)  # another global state, items read in another order (as another worker would)
+    backward = {i: items[i]["img"] for i in (3, 1, 2, 0)}
+    assert all(torch.equal(forward[i], backward[i]) for i in range(4))
+    other_seed = seeded_items(tmp_path, seed=2)
+    assert not torch.equal(forward[0][1:], other_seed[0]["img"][1:])
+    assert torch.equal(forward[0][0], other_seed[0]["img"][0])  # the clean view is not random
+
+
+def test_seeding_items_leaves_the_global_random_state_as_it_was(tmp_path):
+    items = seeded_items(tmp_path, seed=1)
+    torch.manual_seed(7)
+    items[0]
+    after_item = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after_item, torch.rand(3))
+
+
+@pytest.mark.parametrize("seed, is_train", [(1, True), (-1, False)])
+def test_training_items_and_unseeded_runs_draw_from_the_global_stream(tmp_path, seed, is_train):
+    items = seeded_items(tmp_path, seed=seed, is_train=is_train)
+    torch.manual_seed(0)
+    first = items[0]["img"]
+    assert not torch.equal(first[1:], items[0]["img"][1:])  # a new draw each time
+    torch.manual_seed(0)
+    assert torch.equal(first, items[0]["img"])
+
+
+def test_item_seeds_differ_across_run_seeds_and_indices():
+    seeds = {tv.item_seed(s, i) for s in range(1, 4) for i in range(2000)}
+    assert len(seeds) == 6000 and max(seeds) < 2 ** 63
+    assert tv.item_seed(1, 5) == tv.item_seed(1, 5)
