@@ -41,6 +41,10 @@ Environment (defaults in brackets; relative paths are relative to your current d
             e.g. PROMPTS_FROM=CoOp/bench bash scripts/tpt/base2new.sh = TPT+CoOp (run CoOp first)
   JOBS      runs at once, round-robin over CUDA_VISIBLE_DEVICES when GPUs exist
             [0 = auto: one per GPU, else one per CPU core]
+  SHARDS    split every evaluation still to do (all runs of TPT, TPT+CoOp; the new-class and
+            target runs of the others) into this many shards of its test set, run side by side
+            (workers, or SLURM array tasks) and merged into the run's results.json, equal to an
+            unsharded run's [1]
   CHANGED   what to do with finished runs made with other settings (other KEY VALUE options, an
             edited config): rerun = run again in a new folder next to each (seed1-2; tables count
             the newest), replace = move each aside (.seed1.replaced-<time>, out of the tables)
@@ -66,7 +70,7 @@ USAGE
 # settings given (paths already absolute), the script, its arguments.
 sweep_command() {
   local cmd="" var
-  for var in PYTHON SELFTPT_DATA DATA DATASETS SOURCE SEEDS SHOTS BACKBONE CFG OUTPUT PROMPTS_FROM JOBS TABLE \
+  for var in PYTHON SELFTPT_DATA DATA DATASETS SOURCE SEEDS SHOTS BACKBONE CFG OUTPUT PROMPTS_FROM JOBS SHARDS TABLE \
              LAUNCHER SUBMIT_CONFIG SUBMIT_PARTITION SUBMIT_TIME SUBMIT_GPUS SUBMIT_CPUS SUBMIT_MEM SUBMIT_ACCOUNT \
              SUBMIT_QOS SUBMIT_ARRAY_PARALLELISM SUBMIT_SBATCH SUBMIT_SETUP; do
     if [ -n "${!var+x}" ]; then cmd+="$var=$(printf '%q' "${!var}") "; fi
@@ -93,7 +97,7 @@ run_protocol() {
   "$PY" -m selftpt.sweep --register datasets --register trainers \
     "$PROTOCOL" --trainer "$TRAINER" --cfg "$CFG" --data "${DATA:-}" \
     ${DATASETS:+--datasets $DATASETS} ${SOURCE+--source "$SOURCE"} --seeds ${SEEDS:-1 2 3} \
-    ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-0}" ${BACKBONE:+--backbone "$BACKBONE"} \
+    ${SHOTS:+--shots $SHOTS} --output "$output" --jobs "${JOBS:-0}" --shards "${SHARDS:-1}" ${BACKBONE:+--backbone "$BACKBONE"} \
     ${PROMPTS_FROM:+--prompts-from "$PROMPTS_FROM"} ${change[@]+"${change[@]}"} --command "$command" \
     --launcher "${LAUNCHER:-local}" $([ "${DRY_RUN:-0}" = 1 ] && echo --dry-run) \
     -- "$@" || status=$?

@@ -95,6 +95,7 @@ def extend_cfg(cfg: CN) -> CN:
 
     cfg.TEST.ECE_BINS = 15  # expected calibration error bins
     cfg.TEST.FEATURE_CACHE = ""  # folder of cached test image features (selftpt/feature_cache.py); "" = off
+    cfg.TEST.SHARD = ""  # "i/n": evaluate shard i of n and write its predictions (selftpt/shards.py); "" = all
     return cfg
 
 
@@ -178,6 +179,19 @@ class Template(Rule):
         return None if fields == [""] else "must hold exactly one {} where the class name goes"
 
 
+@dataclass(frozen=True)
+class ShardSpec(Rule):
+    """TEST.SHARD: "" or "i/n" with 1 <= i <= n."""
+
+    def problem(self, value: Any) -> str | None:
+        from selftpt.shards import Shard, ShardError
+        try:
+            Shard.parse(str(value))
+        except ShardError:
+            return 'must be "i/n" with 1 <= i <= n (e.g. "2/4"), or "" for the whole test set'
+        return None
+
+
 POSITIVE = Number(low=0, low_open=True)
 NON_NEGATIVE = Number(low=0)
 COUNT = Number(low=1, integer=True)
@@ -209,6 +223,7 @@ def _rules() -> dict[str, Rule]:
         "TRAIN.CHECKPOINT_FREQ": Number(low=0, integer=True),
         "TRAIN.KEEP_CHECKPOINTS": Number(low=0, integer=True),
         "TEST.ECE_BINS": COUNT,
+        "TEST.SHARD": ShardSpec(),
         "TRAINER.ZSCLIP.ENSEMBLE": OneOf(ENSEMBLES),
         "TRAINER.COOP.CLASS_TOKEN_POSITION": OneOf(POSITIONS),
         "TRAINER.TPT.N_VIEWS": COUNT,

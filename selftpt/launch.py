@@ -35,6 +35,7 @@ from selftpt.config import extend_cfg, validate_cfg
 from selftpt.engine.checkpoint import DamagedCheckpointError
 from selftpt.errors import UserError
 from selftpt.results import RESULTS_FILENAME, make_record, write_results
+from selftpt.shards import PREDICTIONS_FILENAME, shard_payload, write_predictions
 from selftpt.toolbox import (
     BACKEND,
     DATASET_REGISTRY,
@@ -224,12 +225,12 @@ def check_eval_only(args: argparse.Namespace, cfg: Any) -> None:
 def prepare_output_dir(output_dir: str) -> None:
     """Refuse a finished run; create the folder (one-line errors when it cannot be); rotate an
     interrupted run's log so log.txt is the newest."""
-    finished = osp.join(output_dir, RESULTS_FILENAME)
-    if osp.isfile(finished):
-        raise UserError(
-            f"{output_dir} already holds a finished run ({RESULTS_FILENAME}); choose another "
-            "--output-dir or delete that folder to run again"
-        )
+    for finished in (RESULTS_FILENAME, PREDICTIONS_FILENAME):
+        if osp.isfile(osp.join(output_dir, finished)):
+            raise UserError(
+                f"{output_dir} already holds a finished run ({finished}); choose another "
+                "--output-dir or delete that folder to run again"
+            )
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
@@ -394,6 +395,11 @@ def _run_logged(cfg: Any, args: argparse.Namespace) -> dict:
                                 "skipped_images": result.get("skipped_images", []),
                                 **trainer.result_extra},
                          model=trainer.model_record())
+    if cfg.TEST.SHARD:  # a shard's result is its predictions; the merge writes the run's results.json
+        path = write_predictions(cfg.OUTPUT_DIR, shard_payload(cfg, record, result, trainer.lab2cname))
+        print(f"Shard {cfg.TEST.SHARD} predictions written to {path}; merge the shards with: python -m "
+              f"selftpt.shards {osp.dirname(osp.dirname(osp.abspath(cfg.OUTPUT_DIR)))}")
+        return record
     try:
         path = write_results(cfg.OUTPUT_DIR, record)
     except FileExistsError as exc:  # another process finished the same run meanwhile

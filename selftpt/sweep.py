@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import importlib
 import io
 import json
@@ -78,6 +79,15 @@ from selftpt.results import (
     config_differences,
     config_digest,
     read_results,
+)
+from selftpt.shards import (
+    SHARDS_DIR,
+    Shard,
+    finished_shard,
+    merge_shards,
+    read_shard_settings,
+    shard_folder,
+    shard_settings_digest,
 )
 from selftpt.trainer_facts import registered_trainers, trainer_class
 
@@ -256,6 +266,7 @@ class Sweep:
     backbone: str = ""
     extra_opts: list[str] = field(default_factory=list)
     prompts_from: str = ""  # "<Trainer>/<cfg or plan>": a training-free method starts from those prompts
+    shards: int = 1  # evaluations split into this many shards (selftpt.shards), run side by side, then merged
     plan: ConfigPlan = field(init=False, repr=False)
     prompt_plan: ConfigPlan | None = field(init=False, repr=False, default=None)
 
@@ -990,7 +1001,11 @@ def execute(sweep: Sweep, jobs: int = 0, plan: list[list[Step]] | None = None, r
     plan = plan_sweep(sweep) if plan is None else plan
     if launcher not in LAUNCHERS:
         raise UserError(f"unknown launcher {launcher!r}; choose {' or '.join(LAUNCHERS)} (LAUNCHER=...)")
-    return LAUNCHERS[launcher](sweep, plan, jobs, resume or "the same command", modules, dry_run)
+    launch = functools.partial(LAUNCHERS[launcher], jobs=jobs, resume=resume or "the same command",
+                               modules=modules, dry_run=dry_run)
+    if sweep.shards > 1:
+        return run_sharded(sweep, plan, launch, dry_run)
+    return launch(sweep, plan)
 
 
 def run_local(sweep: Sweep, plan: list[list[Step]], jobs: int, resume: str, modules: Sequence[str],
@@ -1034,6 +1049,120 @@ def run_on_slurm(sweep: Sweep, plan: list[list[Step]], jobs: int, resume: str, m
     return summarize(outcome.counts, resume)
 
 
+# --------------------------------------------------------------------------- shards
+INTERRUPTED_CODES = (EXIT_INTERRUPTED, 128 + signal.SIGTERM)
+
+
+def sharded(step: Step) -> bool:
+    """An evaluation still to do: with ``--shards`` it runs in shards (a training run's own
+    evaluation stays in it)."""
+    return step.run.eval_only and step.action in ("run", "torn", "replace")
+
+
+def run_sharded(sweep: Sweep, plan: list[list[Step]], launch: Callable[..., int], dry_run: bool) -> int:
+    """``--shards N``: first the runs that are not sharded (training runs; finished and changed
+    ones are reported), then the N shards of every evaluation still to do, as chains of their own
+    (one per chain and shard index, so a chain's shards run side by side: local workers or SLURM
+    array tasks), then the merge of each evaluation's shards into its ``results.json``."""
+    first = [chain for chain in ([step for step in chain if not sharded(step)] for chain in plan) if chain]
+    codes = [launch(sweep, first)] if first else []
+    if codes and codes[-1] in INTERRUPTED_CODES:
+        return codes[-1]
+    evaluations: list[tuple[int, Step]] = []  # (chain index, evaluation to shard)
+    failed = held = 0
+    for number, chain in enumerate(plan):
+        for step in filter(sharded, chain):
+            if not dry_run and step.model_dir is not None and not (step.model_dir / RESULTS_FILENAME).is_file():
+                print(f"not started (its model run {step.model_dir.relative_to(sweep.output)} has not finished): "
+                      f"{step.folder.relative_to(sweep.output)}", file=sys.stderr, flush=True)
+                failed += 1
+            elif dry_run or _clear_for_shards(sweep, step):
+                evaluations.append((number, step))
+            else:
+                held += 1
+    shards = {id(step): shard_steps(sweep, step) for _, step in evaluations}
+    shard_chains = [[shards[id(step)][index] for number_, step in evaluations if number_ == number]
+                    for number in range(len(plan)) for index in range(sweep.shards)]
+    shard_chains = [chain for chain in shard_chains if chain]
+    if shard_chains:
+        codes.append(launch(sweep, shard_chains))
+        if codes[-1] in INTERRUPTED_CODES:
+            return codes[-1]
+    for _, step in evaluations:
+        where = step.folder.relative_to(sweep.output)
+        if dry_run:
+            print(f"  would merge {sweep.shards} shards into {where}/{RESULTS_FILENAME}")
+            continue
+        ok, text = _merge(step.folder)
+        print(f"merged {sweep.shards} shards: {where}" if ok else f"merge FAILED: {where}: {text}",
+              file=sys.stdout if ok else sys.stderr, flush=True)
+        failed += not ok
+    if failed or EXIT_FAILED in codes:
+        return EXIT_FAILED
+    return EXIT_CHANGED if EXIT_CHANGED in codes else EXIT_HELD if held or EXIT_HELD in codes else 0
+
+
+def shard_steps(sweep: Sweep, step: Step) -> list[Step]:
+    """The ``sweep.shards`` shard runs of evaluation ``step`` (``<run>/shards/<i>of<n>``); a
+    finished shard is skipped."""
+    steps = []
+    for index in range(1, sweep.shards + 1):
+        shard = Shard(index, sweep.shards)
+        folder = shard_folder(step.folder, shard)
+        run = dataclasses.replace(step.run, output_dir=folder, opts=[*step.run.opts, "TEST.SHARD", str(shard)])
+        steps.append(Step(run, folder, "skip" if finished_shard(folder) else "run", step.model_dir))
+    return steps
+
+
+def _clear_for_shards(sweep: Sweep, step: Step) -> bool:
+    """Before the shards of ``step`` run: move a torn results.json or a replaced run aside (as an
+    unsharded run does under its lock), and set aside finished shards that cannot be merged into
+    this run (another shard count, other settings, or a run redone because its settings or model
+    changed), so they are run again instead of reused. False when another process holds the run."""
+    lock = RunLock(step.folder)
+    holder = lock.acquire()
+    if holder is not None:
+        print(f"skipped (held by {holder}): {step.folder.relative_to(sweep.output)}", file=sys.stderr, flush=True)
+        return False
+    try:
+        if step.action == "torn":
+            os.replace(step.folder / RESULTS_FILENAME, _aside(step.folder / RESULTS_FILENAME, "torn"))
+        elif step.action == "replace" and step.folder.exists():
+            os.replace(step.folder, _aside(step.folder, "replaced", hidden=True))
+        wanted = None
+        for folder in sorted((step.folder / SHARDS_DIR).glob("*of*")):
+            if not finished_shard(folder):
+                continue
+            if not step.changes and folder.name.endswith(f"of{sweep.shards}"):
+                if wanted is None:
+                    wanted = shard_settings_digest(requested_config(sweep, step.run, step.folder, step.model_dir))
+                if read_shard_settings(folder) == wanted:
+                    continue
+            aside = _aside(folder, "stale", hidden=True)
+            os.replace(folder, aside)
+            print(f"set aside (made for another shard count or with other settings): "
+                  f"{aside.relative_to(sweep.output)}", flush=True)
+        return True
+    finally:
+        lock.release()
+
+
+def _merge(folder: Path) -> tuple[bool, str]:
+    """Merge the shards of the run in ``folder`` under its lock; (merged, one-line reason if not)."""
+    lock = RunLock(folder)
+    holder = lock.acquire()
+    if holder is not None:
+        return False, f"held by {holder}"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            merge_shards(folder)
+        return True, ""
+    except UserError as exc:
+        return False, str(exc)
+    finally:
+        lock.release()
+
+
 def _configs(sweep: Sweep, plan: list[list[Step]]) -> str:
     stems = sorted({step.run.cfg for chain in plan for step in chain})
     return sweep.cfg if stems == [sweep.cfg] else f"{sweep.cfg} (configs {', '.join(stems)})"
@@ -1068,6 +1197,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the chains run: local (worker processes here) or slurm (one SLURM job per "
                         "chain, as a job array; settings from SUBMIT_* variables, see selftpt/slurm.py) [local]")
     p.add_argument("--dry-run", action="store_true", help="print what would run (or be submitted), run nothing")
+    p.add_argument("--shards", type=_positive, default=1,
+                   help="split each evaluation still to do (eval-only runs: every run of TPT, TPT+CoOp; the "
+                        "new-class and target runs of the others) into this many shards of its test set, run "
+                        "side by side (workers or SLURM array tasks) and merged into one results.json, equal to "
+                        "an unsharded run's (selftpt/shards.py) [1]")
     p.add_argument("--jobs", type=int, default=0,
                    help="worker processes; 0 = one per GPU, else one per CPU core [0]")
     change = p.add_mutually_exclusive_group()
@@ -1086,6 +1220,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "trainers); the library imports none by itself")
     p.epilog = "Extra KEY VALUE config options for train.py go after a '--'."
     return p
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return int(text)
 
 
 def _commands(args: argparse.Namespace, argv: list[str]) -> tuple[str, Callable[[str], str]]:
@@ -1173,7 +1313,7 @@ def _main(args: argparse.Namespace, resume: str, choose: Callable[[str], str], m
     sweep = Sweep(protocol=args.protocol, trainer=args.trainer, cfg=args.cfg, data=data, datasets=args.datasets,
                   seeds=args.seeds, shots=args.shots, output=Path(args.output).expanduser().resolve(),
                   source=args.source, backbone=args.backbone, extra_opts=list(args.opts or []),
-                  prompts_from=args.prompts_from)
+                  prompts_from=args.prompts_from, shards=args.shards)
     print(f"output: {sweep.output}", flush=True)
     missing = sweep.missing_prompt_sources()
     if missing:

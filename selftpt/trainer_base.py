@@ -26,6 +26,7 @@ from selftpt.feature_cache import cached_eval_logits
 from selftpt.precision import autocast, make_grad_scaler, resolve_precision
 from selftpt.prompt_learner import PromptLearner
 from selftpt.safe_data import drop_skipped
+from selftpt.shards import Shard, ShardError, shard_loader
 from selftpt.toolbox import (
     DataManager,
     TrainerX,
@@ -97,6 +98,12 @@ class ClipTrainer(TrainerX):
         dm = DataManager(cfg or self.cfg, custom_tfm_test=self.custom_test_transform(),
                          dataset_wrapper=ItemSeededDatasetWrapper)
         self.dm = dm
+        shard = Shard.parse((cfg or self.cfg).TEST.SHARD)
+        if shard is not None and not shard.items(len(dm.test_loader.dataset), dm.test_loader.batch_size):
+            batches = len(dm.test_loader)
+            raise ShardError(f"TEST.SHARD {shard}: the test set has only {batches} batch(es) of "
+                             f"{dm.test_loader.batch_size}, so shard {shard.index} would be empty; use at most "
+                             f"{batches} shards")
         self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
         self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
         self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
@@ -220,10 +227,12 @@ class ClipTrainer(TrainerX):
     def eval_logits(self, split: str, data_loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(logits, labels) of each test batch, through the image-feature cache when enabled."""
         cache_dir = self.cfg.TEST.get("FEATURE_CACHE", "")
-        if cache_dir and self.image_encoder_for_cache() is not None:
+        if cache_dir and self.cfg.TEST.SHARD:
+            print("TEST.FEATURE_CACHE: not used for a shard (the cache holds whole test sets)")
+        elif cache_dir and self.image_encoder_for_cache() is not None:
             yield from cached_eval_logits(self, split, data_loader, cache_dir)
             return
-        if cache_dir:
+        elif cache_dir:
             print(f"TEST.FEATURE_CACHE: {type(self).__name__} does not use the cache (its image side "
                   "is not a fixed encoder pass)")
         for batch in data_loader:
@@ -236,6 +245,9 @@ class ClipTrainer(TrainerX):
         Timing: ``prepare_seconds`` is the one-time cost per class set (text features; Self-TPT's
         class-name adaptation), ``eval_seconds`` the loop over the images, data loading and
         test-time views included, i.e. what a user waits for.
+
+        With ``TEST.SHARD i/n`` only that shard of the test split is evaluated
+        (``selftpt.shards``) and its per-image logits are kept in ``test_result["predictions"]``.
         """
         self.set_model_mode("eval")
         self.evaluator.reset()
@@ -244,6 +256,12 @@ class ClipTrainer(TrainerX):
             data_loader = self.val_loader
         else:
             split, data_loader = "test", self.test_loader
+        shard = Shard.parse(self.cfg.TEST.SHARD)
+        if shard is not None:
+            num_items = len(data_loader.dataset)
+            data_loader, items = shard_loader(data_loader, shard)
+            print(f"Shard {shard}: items {items.start}-{items.stop - 1} of {num_items}")
+            kept_logits, kept_labels = [], []
         started = time.perf_counter()
         self.prepare_for_test()
         prepared = time.perf_counter()
@@ -254,6 +272,9 @@ class ClipTrainer(TrainerX):
             bar = tqdm(self.eval_logits(split, data_loader), total=len(data_loader), desc=f"eval {split}",
                        dynamic_ncols=True)
             for logits, labels in bar:
+                if shard is not None:
+                    kept_logits.append(logits.cpu())
+                    kept_labels.append(labels.cpu())
                 self.evaluator.process(logits, labels)
                 probs = F.softmax(logits.float(), dim=-1)
                 conf, pred = probs.max(dim=-1)
@@ -277,6 +298,9 @@ class ClipTrainer(TrainerX):
         print(f"* time: {timing['prepare_seconds']:.1f}s one-time, {timing['eval_seconds']:.1f}s for {n_seen} "
               f"images ({1000 * timing['seconds_per_image']:.1f} ms per image)")
         self.test_result = {"split": split, "metrics": metrics, "num_images": n_seen, "timing": timing}
+        if shard is not None:
+            self.test_result["predictions"] = {"logits": torch.cat(kept_logits), "labels": torch.cat(kept_labels),
+                                               "items": (items.start, items.stop), "num_items": num_items}
         if self.skipped_images:
             print(f"Skipped {len(self.skipped_images)} unreadable images (DATASET.SKIP_CORRUPT_IMAGES), "
                   f"e.g. {sorted(self.skipped_images)[0]}")

@@ -106,3 +106,19 @@ def test_a_cancelled_job_is_reported_and_resubmission_resumes_from_its_checkpoin
     assert re.search(r"resumed: base2new/train_base/\S+ \(job \d+(_\d+)?\)", again.stdout)
     record = json.loads((run / "results.json").read_text())
     assert record["model"]["resumed_from"]["epoch"] >= 1
+
+
+def test_sharded_tpt_as_array_tasks_equals_an_unsharded_local_run(slurm_cluster, data_root, tmp_path):
+    tpt = ["bash", "scripts/tpt/base2new.sh", "TRAINER.TPT.N_VIEWS", "2", "TEST.SPLIT", "val"]
+    # 2 CPUs per job = the local worker's 2 torch threads: the same float sums on both sides
+    env = slurm_env(tmp_path, data_root, SHARDS="2", SUBMIT_CPUS="2", TABLE="0")
+    sharded = subprocess.run(tpt, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+    assert re.search(r"slurm: submitted array \d+ \(2 jobs\)", sharded.stdout)  # one task per shard index
+    assert sharded.stdout.count("merged 2 shards") == 2
+    local_env = slurm_env(tmp_path, data_root, out="local", LAUNCHER="local", JOBS="1", TABLE="0")
+    assert subprocess.run(tpt, cwd=REPO, env=local_env, capture_output=True, text=True, timeout=900).returncode == 0
+    for part in ("test_base", "test_new"):
+        run = f"base2new/{part}/shapeworld/shots_1/TPT/bench/seed1/results.json"
+        merged, whole = (json.loads((tmp_path / out / run).read_text()) for out in ("out", "local"))
+        assert merged["metrics"] == whole["metrics"] and merged["extra"]["shards"]["count"] == 2, part
