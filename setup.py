@@ -25,7 +25,9 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.6", "submitit>=1.5"],  # the SLURM launcher's tests need submitit
+        # the SLURM launcher's tests need submitit; tests/test_open_clip.py needs open_clip (and its timm)
+        "test": ["pytest>=7", "ruff>=0.6", "submitit>=1.5", "open-clip-torch>=3.0"],
+        "openclip": ["open-clip-torch>=3.0"],  # open_clip: backbones (OpenCLIP, EVA-CLIP), docs/backbones.md
         "slurm": ["submitit>=1.5"],  # LAUNCHER=slurm
         "mutation": ["mutmut>=3.3"],
     },

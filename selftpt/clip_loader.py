@@ -4,6 +4,8 @@ A backbone is named as in ``clip.available_models()`` (downloaded to ``~/.cache/
 machine with internet), or as one of the project's built-in benchmark backbones (shipped
 in ``selftpt/assets``), or given as a local file: a TorchScript archive as OpenAI publishes
 them, or a plain ``state_dict`` (``clip.load`` cannot read those with current torch).
+``open_clip:...`` names are OpenCLIP / EVA-CLIP models, built by ``selftpt.open_clip_backend``
+(an optional extra) behind the same interface, with their own tokenizer.
 Architectures are data (``CLIP_ARCHS``) so that any of them can also be built with random
 weights, e.g. for speed and memory measurements where no weights can be downloaded.
 """
@@ -13,7 +15,7 @@ import difflib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -186,6 +188,9 @@ def load_clip(name: str, path: str = "", device: str | torch.device = "cpu",
         device: target device.
         precision: ``fp16`` keeps CLIP's half weights; ``fp32``/``amp`` load fp32 (``selftpt.precision``).
     """
+    if is_open_clip_name(name):
+        from selftpt.open_clip_backend import load_open_clip
+        return load_open_clip(name, path, precision).to(device).eval()
     state_dict = read_state_dict(resolve_backbone_file(name, path))
     try:
         model = build_model(state_dict)  # converts to fp16, as CoOp's load_clip_to_cpu
@@ -204,19 +209,53 @@ def save_state_dict(model: CLIP, path: str | os.PathLike, half: bool = True) -> 
         torch.save(model.state_dict(), f)
 
 
-def token_count(text: str) -> int:
-    """BPE tokens of ``text`` without the start and end tokens (CoOp's ``name_lens``)."""
-    return len(clip.clip._tokenizer.encode(text))
+def is_open_clip_name(name: str) -> bool:
+    """True for an ``open_clip:`` backbone name (``selftpt.open_clip_backend``)."""
+    return name.startswith("open_clip:")
 
 
-def tokenize(texts: str | list[str], context_length: int) -> torch.Tensor:
-    """Tokenise with the model's own context length; an over-long text names itself."""
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    try:
+class Tokenizer(Protocol):
+    """CLIP-style tokenisation: a start token, the text's BPE tokens, an end token, zero padding."""
+
+    def count(self, text: str) -> int:
+        """BPE tokens of ``text`` without the start and end tokens."""
+
+    def __call__(self, texts: list[str], context_length: int) -> torch.Tensor:
+        """(n, context_length) token ids; every text fits (checked by ``tokenize``)."""
+
+
+class OpenAITokenizer:
+    """OpenAI's ``clip`` tokenizer (the one every OpenAI CLIP model uses)."""
+
+    def count(self, text: str) -> int:
+        return len(clip.clip._tokenizer.encode(text))
+
+    def __call__(self, texts: list[str], context_length: int) -> torch.Tensor:
         return clip.tokenize(texts, context_length=context_length)
-    except RuntimeError:
-        long = next(t for t in texts if token_count(t) + 2 > context_length)
+
+
+OPENAI_TOKENIZER = OpenAITokenizer()
+
+
+def text_tokenizer(clip_model: Any) -> Tokenizer:
+    """The tokenizer of ``clip_model``: its own (open_clip models), else OpenAI's."""
+    return getattr(clip_model, "tokenizer", None) or OPENAI_TOKENIZER
+
+
+def token_count(text: str, tokenizer: Tokenizer | None = None) -> int:
+    """BPE tokens of ``text`` without the start and end tokens (CoOp's ``name_lens``)."""
+    return (tokenizer or OPENAI_TOKENIZER).count(text)
+
+
+def tokenize(texts: str | list[str], context_length: int, tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """Tokenise with the model's own context length (and tokenizer; default OpenAI's); an
+    over-long text names itself."""
+    tokenizer = tokenizer or OPENAI_TOKENIZER
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    long = next((t for t in texts if tokenizer.count(t) + 2 > context_length), None)
+    if long is not None:
         raise ConfigError(
             f"Text {long!r} is longer than the text encoder's context length ({context_length} tokens); "
             "shorten the class name or the prompt template"
-        ) from None
+        )
+    return tokenizer(texts, context_length)

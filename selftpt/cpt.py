@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selftpt.clip_loader import tokenize
 from selftpt.errors import ConfigError
 from selftpt.losses import supervised_contrastive_loss
 from selftpt.prompt_learner import POSITIONS
@@ -88,7 +87,7 @@ class ContrastivePromptTask(nn.Module):
         self.views = list(dict.fromkeys(views))
         self.temperature = temperature
         self.template = template
-        dim = model.text_encoder.text_projection.shape[1]
+        dim = model.text_encoder.output_dim
         self.head = build_head(head, dim)
         self.register_buffer("handcrafted_features", torch.empty(0), persistent=False)
         self.refresh_class_set(model)
@@ -102,7 +101,7 @@ class ContrastivePromptTask(nn.Module):
         texts = [self.template.format(name) for name in learner.classnames]
 
         def encode(chunk: list[str]) -> torch.Tensor:
-            tokens = tokenize(chunk, learner.context_length).to(learner.token_prefix.device)
+            tokens = learner.tokenize(chunk).to(learner.token_prefix.device)  # the model's own tokenizer
             return model.text_encoder(learner.embed_tokens(tokens).to(tokens.device), tokens)
 
         self.handcrafted_features = encode_in_chunks(encode, texts).float()  # (n_cls, D), not normalised

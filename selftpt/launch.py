@@ -30,7 +30,7 @@ import yaml
 
 from selftpt import dataset_catalog
 from selftpt.cli import EXIT_USER_ERROR, user_errors  # noqa: F401  (EXIT_USER_ERROR: main's code, re-exported)
-from selftpt.clip_loader import available_backbones
+from selftpt.clip_loader import available_backbones, is_open_clip_name
 from selftpt.config import extend_cfg, validate_cfg
 from selftpt.engine.checkpoint import DamagedCheckpointError
 from selftpt.errors import UserError
@@ -203,7 +203,10 @@ def check_cfg_names(cfg: Any) -> None:
     _check_name("dataset", cfg.DATASET.NAME, DATASET_REGISTRY.registered_names(),
                 "DATASET.NAME via --dataset-config-file")
     backbone = cfg.MODEL.BACKBONE.NAME
-    if not cfg.MODEL.BACKBONE.PATH and not osp.isfile(backbone):
+    if is_open_clip_name(backbone):  # name, package, text tower and INPUT preprocessing, in one line each
+        from selftpt.open_clip_backend import check_backbone_cfg
+        check_backbone_cfg(cfg)
+    elif not cfg.MODEL.BACKBONE.PATH and not osp.isfile(backbone):
         _check_name("backbone", backbone, available_backbones(), "--backbone or MODEL.BACKBONE.NAME")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selftpt.clip_loader import token_count, tokenize
+from selftpt.clip_loader import Tokenizer, text_tokenizer, token_count, tokenize
 from selftpt.errors import ConfigError
 
 POSITIONS = ("end", "middle", "front")
@@ -49,6 +49,8 @@ class PromptLearner(nn.Module):
         self.config_node = config_node
         self.dtype = clip_model.dtype
         self.context_length = int(clip_model.positional_embedding.shape[0])
+        # The model's own tokenizer (open_clip models carry theirs; OpenAI's otherwise).
+        self.tokenizer: Tokenizer = text_tokenizer(clip_model)
         # Not registered as a submodule: CLIP's vocabulary stays out of this module's
         # state_dict and off its device; it is only needed to render class names.
         object.__setattr__(self, "_token_embedding", clip_model.token_embedding)
@@ -61,7 +63,7 @@ class PromptLearner(nn.Module):
         if ctx_init:
             n_ctx = len(ctx_init.split(" "))
             with torch.no_grad():
-                init = self.embed_tokens(tokenize(ctx_init, self.context_length))[0, 1:1 + n_ctx]  # (n_ctx, d)
+                init = self.embed_tokens(self.tokenize([ctx_init]))[0, 1:1 + n_ctx]  # (n_ctx, d)
             self.prompt_prefix = ctx_init
         else:
             shape = (len(classnames), n_ctx, ctx_dim) if csc else (n_ctx, ctx_dim)
@@ -81,6 +83,10 @@ class PromptLearner(nn.Module):
         weight = self._token_embedding.weight
         return self._token_embedding(tokens.to(weight.device)).type(self.dtype)
 
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """(n, context_length) token ids of ``texts`` with the model's tokenizer."""
+        return tokenize(texts, self.context_length, self.tokenizer)
+
     @property
     def n_cls(self) -> int:
         return len(self.classnames)
@@ -97,10 +103,10 @@ class PromptLearner(nn.Module):
         names = [clean_classname(n) for n in classnames]
         device = self.ctx.device
         self.classnames = names
-        self.name_lens = [token_count(n) for n in names]  # as CoOp (a "!" inside a name has token id 0)
+        self.name_lens = [token_count(n, self.tokenizer) for n in names]  # as CoOp (a "!" inside a name has token id 0)
         self._check_length(names)
         prompts = [f"{self.prompt_prefix} {n}." for n in names]
-        tokenized = tokenize(prompts, self.context_length)  # (n_cls, L)
+        tokenized = self.tokenize(prompts)  # (n_cls, L)
         with torch.no_grad():
             embedding = self.embed_tokens(tokenized).to(device)  # (n_cls, L, d)
         tokenized = tokenized.to(device)

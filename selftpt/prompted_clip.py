@@ -14,7 +14,7 @@ class PromptedCLIP(nn.Module):
 
     Args:
         prompt_learner: the learnable prompt over the current class names.
-        clip_model: the frozen OpenAI CLIP model.
+        clip_model: the frozen CLIP model (OpenAI's, or an open_clip one as ``open_clip_backend.OpenClipModel``).
         grad_checkpoint: checkpoint the text transformer (memory for many classes).
     """
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from selftpt.clip_loader import tokenize
+from selftpt.clip_loader import text_tokenizer, tokenize
 from selftpt.prompt_learner import clean_classname
 from selftpt.templates import ensemble_templates, template_for
 from selftpt.text_encoder import encode_in_chunks
@@ -21,7 +21,8 @@ def encode_class_prompts(clip_model: torch.nn.Module, template: str, classnames:
     device = clip_model.token_embedding.weight.device
     prompts = [template.format(clean_classname(c)) for c in classnames]
     feats = encode_in_chunks(
-        lambda texts: clip_model.encode_text(tokenize(texts, clip_model.context_length).to(device)), prompts)
+        lambda texts: clip_model.encode_text(
+            tokenize(texts, clip_model.context_length, text_tokenizer(clip_model)).to(device)), prompts)
     return F.normalize(feats, dim=-1)
 
 

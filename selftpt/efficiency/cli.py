@@ -18,6 +18,7 @@ from selftpt.clip_loader import (
     BackboneError,
     build_random_clip,
     image_resolution,
+    is_open_clip_name,
     local_backbone_file,
     read_state_dict,
     save_state_dict,
@@ -43,6 +44,9 @@ def prepare_backbone(name: str, path: str = "", random_weights: bool = False,
     (``clip_loader.local_backbone_file``, never a download), else random weights of a
     ``CLIP_ARCHS`` architecture, written once under ``work_dir/backbones`` (speed and memory
     do not depend on weight values)."""
+    if is_open_clip_name(name):  # OpenCLIP / EVA-CLIP: its own configs, cache and preprocessing
+        from selftpt.open_clip_backend import benchmark_backbone
+        return benchmark_backbone(name, path, random_weights, work_dir, seed)
     file = path or (None if random_weights else local_backbone_file(name))
     if file:
         label = Path(name).stem if os.path.isfile(name) else name
@@ -122,7 +126,7 @@ def run_benchmark(args: argparse.Namespace) -> list[Path]:
             root = Path(args.root).expanduser().resolve()
             tag = f"{_safe(backbone['label'])}_{dataset}"
         base_job = {
-            **{k: backbone[k] for k in ("backbone_name", "backbone_path", "resolution")},
+            **{k: backbone[k] for k in ("backbone_name", "backbone_path", "resolution", "input_opts") if k in backbone},
             "dataset": dataset, "root": str(root),
             "dataset_config_file": os.path.abspath(args.dataset_config_file) if args.dataset_config_file else "",
             "subsample_classes": args.subsample_classes, "device": args.device, "precision": args.precision,

@@ -79,7 +79,7 @@ def method_cfg(job: dict, method: str, seed: int = 1, extra: Sequence[str] = ())
     if job.get("dataset_config_file"):
         argv += ["--dataset-config-file", job["dataset_config_file"]]
     opts = ["MODEL.BACKBONE.NAME", job["backbone_name"], "MODEL.BACKBONE.PATH", job["backbone_path"],
-            "INPUT.SIZE", f"({r}, {r})", "DATASET.NAME", job["dataset"],
+            "INPUT.SIZE", f"({r}, {r})", *job.get("input_opts", ()), "DATASET.NAME", job["dataset"],
             "DATASET.SUBSAMPLE_CLASSES", job.get("subsample_classes", "all"),
             "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TEST.BATCH_SIZE", "1",
             "USE_CUDA", str(job["device"] == "cuda"), *spec.opts]
