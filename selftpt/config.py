@@ -60,6 +60,59 @@ def extend_cfg(cfg: CN) -> CN:
     cfg.TRAINER.TPT.AUGMIX = "auto"  # auto (off for ImageNet and its variants) | on | off
     cfg.TRAINER.TPT.GRAD_CHECKPOINT = False  # trade time for memory on large class sets
 
+    # C-TPT (Yoon et al., ICLR 2024): TPT's per-image step plus LAMBDA x text feature dispersion
+    # (hee-suk-yoon/C-TPT, scripts/test_tpt_ctpt_{fg,ds}.sh).
+    c = cfg.TRAINER.CTPT = cfg.TRAINER.TPT.clone()  # TPT's settings, as C-TPT runs TPT's code
+    c.LAMBDA = 50.0  # fine-grained sets; 20 for ImageNet and its shifts (with AugMix on)
+
+    # PromptSRC (Khattak et al., ICCV 2023): independent deep vision-language prompts (IVLP)
+    # regularised towards frozen CLIP (muzairkhattak/PromptSRC, vit_b16_c2_ep20_batch4_4+4ctx)
+    p = cfg.TRAINER.PROMPTSRC = CN()
+    p.N_CTX_TEXT = 4
+    p.N_CTX_VISION = 4
+    p.CTX_INIT = "a photo of a"
+    p.PREC = "auto"  # fp16 on CUDA (the original's fp16), fp32 on CPU
+    p.PROMPT_DEPTH_TEXT = 9  # layers with text prompts (layer 0: the context); >= 1
+    p.PROMPT_DEPTH_VISION = 9  # layers with vision prompts; 0 = none
+    p.TEXT_LOSS_WEIGHT = 25.0  # L1 of prompted vs frozen (template-averaged) text features
+    p.IMAGE_LOSS_WEIGHT = 10.0  # L1 of prompted vs frozen image features
+    p.GPA_MEAN = 15.0  # Gaussian prompt aggregation (GPA) weights over epochs 1..MAX_EPOCH
+    p.GPA_STD = 1.0
+
+    # PromptSRC+TPT: TPT's per-image step on the prompts of a trained PromptSRC (--model-dir); the
+    # prompt architecture is read from TRAINER.PROMPTSRC (the training run's keys)
+    q = cfg.TRAINER.PROMPTSRC_TPT = cfg.TRAINER.TPT.clone()
+    del q["N_CTX"], q["CTX_INIT"]  # the context is TRAINER.PROMPTSRC's
+    q.TUNE = "all"  # all: every prompt tensor, as MaPLe+TPT | text: context and deep text tokens [ours]
+
+    # MaPLe (Khattak et al., CVPR 2023): coupled deep language/vision prompts
+    # (muzairkhattak/multimodal-prompt-learning, vit_b16_c2_ep5_batch4_2ctx)
+    m = cfg.TRAINER.MAPLE = _prompt_node(2, "a photo of a")  # 2 tokens ("a photo"), "of a" kept fixed
+    m.PROMPT_DEPTH = 9  # prompted layers of each tower (1 = context and its projection only)
+    # MaPLe+TPT: TPT's per-image step on every prompt parameter of a trained MaPLe (--model-dir)
+    t = cfg.TRAINER.MAPLE_TPT = _prompt_node(2, "a photo of a")
+    t.PROMPT_DEPTH = 3  # must be the loaded model's; 3 = the cross-dataset MaPLe PromptAlign evaluates
+    t.N_VIEWS = 64
+    t.SELECTION_P = 0.1
+    t.STEPS = 1
+    t.LR = 5e-3  # TPT's
+    t.AUGMIX = "auto"  # as TRAINER.TPT.AUGMIX
+    t.GRAD_CHECKPOINT = False
+    # PromptAlign (Abdul Samadh et al., NeurIPS 2023): MaPLe+TPT + token-statistics alignment
+    # (jameelhassan/PromptAlign, DG_PAlign_vit_b16_c2_ep5_batch4_2ctx_cross_datasets)
+    a = cfg.TRAINER.PROMPTALIGN = t.clone()
+    a.LR = 4e-2  # domain generalisation config; its fine-grained (cross-dataset) config uses 5e-4
+    a.ALIGN = True  # the distribution alignment term (DISTR_ALIGN)
+    a.TPT_LOSS = True  # the entropy term
+    a.ALIGN_WEIGHT = 100.0  # DISTR_LOSS_W, divided by ALIGN_LAYER_TO - ALIGN_LAYER_FROM
+    a.ALIGN_LAYER_FROM = 0  # aligned ViT layers: FROM..TO-2, as the released code's loop
+    a.ALIGN_LAYER_TO = 3
+    a.ALIGN_SELECTION_P = 0.1  # views whose token statistics are aligned (ALIGN_THRESHOLD)
+    a.SOURCE_DATASET = ""  # registered name; "" = the loaded model's training dataset [ours]
+    a.SOURCE_SPLIT = "train"  # train | val | test [ours]
+    a.SOURCE_MAX_IMAGES = 0  # first N images of the split, 0 = all [ours]
+    a.SOURCE_STATS = ""  # statistics file; "" = next to the loaded model [ours]
+
     # Self-TPT (Zhu et al., arXiv 2408.05775)
     s = cfg.TRAINER.SELFTPT = _prompt_node(4, "a photo of a")  # [ours]
     s.CLASS_TOKEN_POSITION = "end"  # view used for classification [ours]
@@ -231,6 +284,36 @@ def _rules() -> dict[str, Rule]:
         "TRAINER.TPT.STEPS": Number(low=0, integer=True),
         "TRAINER.TPT.LR": POSITIVE,
         "TRAINER.TPT.AUGMIX": OneOf(("auto", "on", "off")),
+        "TRAINER.CTPT.N_VIEWS": COUNT,
+        "TRAINER.CTPT.SELECTION_P": FRACTION,
+        "TRAINER.CTPT.STEPS": Number(low=0, integer=True),
+        "TRAINER.CTPT.LR": POSITIVE,
+        "TRAINER.CTPT.AUGMIX": OneOf(("auto", "on", "off")),
+        "TRAINER.CTPT.LAMBDA": NON_NEGATIVE,
+        "TRAINER.PROMPTSRC.N_CTX_TEXT": COUNT,
+        "TRAINER.PROMPTSRC.N_CTX_VISION": COUNT,
+        "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": COUNT,
+        "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": Number(low=0, integer=True),
+        "TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT": NON_NEGATIVE,
+        "TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT": NON_NEGATIVE,
+        "TRAINER.PROMPTSRC.GPA_MEAN": NON_NEGATIVE,
+        "TRAINER.PROMPTSRC.GPA_STD": POSITIVE,
+        "TRAINER.PROMPTSRC_TPT.N_VIEWS": COUNT,
+        "TRAINER.PROMPTSRC_TPT.SELECTION_P": FRACTION,
+        "TRAINER.PROMPTSRC_TPT.STEPS": Number(low=0, integer=True),
+        "TRAINER.PROMPTSRC_TPT.LR": POSITIVE,
+        "TRAINER.PROMPTSRC_TPT.AUGMIX": OneOf(("auto", "on", "off")),
+        "TRAINER.PROMPTSRC_TPT.TUNE": OneOf(("all", "text")),
+        "TRAINER.MAPLE.PROMPT_DEPTH": COUNT,
+        **{f"TRAINER.{n}.{k}": rule for n in ("MAPLE_TPT", "PROMPTALIGN") for k, rule in (
+            ("PROMPT_DEPTH", COUNT), ("N_VIEWS", COUNT), ("SELECTION_P", FRACTION),
+            ("STEPS", Number(low=0, integer=True)), ("LR", POSITIVE), ("AUGMIX", OneOf(("auto", "on", "off"))))},
+        "TRAINER.PROMPTALIGN.ALIGN_WEIGHT": NON_NEGATIVE,
+        "TRAINER.PROMPTALIGN.ALIGN_LAYER_FROM": Number(low=0, integer=True),
+        "TRAINER.PROMPTALIGN.ALIGN_LAYER_TO": Number(low=2, integer=True),
+        "TRAINER.PROMPTALIGN.ALIGN_SELECTION_P": FRACTION,
+        "TRAINER.PROMPTALIGN.SOURCE_SPLIT": OneOf(("train", "val", "test")),
+        "TRAINER.PROMPTALIGN.SOURCE_MAX_IMAGES": Number(low=0, integer=True),
         "TRAINER.SELFTPT.CLASS_TOKEN_POSITION": OneOf(POSITIONS),
         "TRAINER.SELFTPT.CLS_VIEW": OneOf(("single", "mean")),
         "TRAINER.SELFTPT.CPT_VIEWS": SubsetOf(VIEWS, minimum=2),
@@ -250,9 +333,10 @@ def _rules() -> dict[str, Rule]:
         "TRAINER.SELFTPT.SELECTION_P": FRACTION,
         "TRAINER.SELFTPT.AUGMIX": OneOf(("auto", "on", "off")),
     }
-    for node in ("COOP", "COCOOP", "TPT", "SELFTPT"):
+    for node in ("COOP", "COCOOP", "TPT", "CTPT", "SELFTPT", "MAPLE", "MAPLE_TPT", "PROMPTALIGN"):
         rules[f"TRAINER.{node}.N_CTX"] = COUNT
-    for node in ("COOP", "COCOOP", "ZSCLIP", "TPT", "SELFTPT"):
+    for node in ("COOP", "COCOOP", "ZSCLIP", "TPT", "CTPT", "PROMPTSRC", "PROMPTSRC_TPT", "SELFTPT", "MAPLE",
+                 "MAPLE_TPT", "PROMPTALIGN"):
         rules[f"TRAINER.{node}.PREC"] = OneOf(PRECISIONS)
     return rules
 
@@ -284,6 +368,14 @@ def validate_cfg(cfg: CN, trains: bool = True) -> None:
         free = ", ".join(name for name, cls in registered_trainers().items() if not cls.TRAINS)
         raise ConfigError(f"OPTIM.MAX_EPOCH is {cfg.OPTIM.MAX_EPOCH!r}; a trainer that trains needs at "
                           "least 1 epoch" + (f" (training-free trainers: {free})" if free else ""))
+    a = cfg.TRAINER.PROMPTALIGN
+    if not (a.ALIGN or a.TPT_LOSS):
+        raise ConfigError("TRAINER.PROMPTALIGN.ALIGN and TRAINER.PROMPTALIGN.TPT_LOSS are both False; nothing "
+                          "would be tuned, so set one True")
+    if a.ALIGN and a.ALIGN_LAYER_TO < a.ALIGN_LAYER_FROM + 2:
+        raise ConfigError(f"TRAINER.PROMPTALIGN.ALIGN_LAYER_TO is {a.ALIGN_LAYER_TO}; layers ALIGN_LAYER_FROM.."
+                          f"ALIGN_LAYER_TO-2 are aligned (as the released code), so it must be >= "
+                          f"ALIGN_LAYER_FROM + 2 = {a.ALIGN_LAYER_FROM + 2}")
     s = cfg.TRAINER.SELFTPT
     if s.USE_GM and not s.USE_CPT:
         raise ConfigError("TRAINER.SELFTPT.USE_GM is True but TRAINER.SELFTPT.USE_CPT is False; GM aligns the "

@@ -137,6 +137,30 @@ class DeepPromptHandle:
                 used.append(self)
 
 
+def require_vit_backbone(trainer: str, backbone: str, visual: nn.Module | None = None) -> None:
+    """Refuse, in one line, a backbone whose image tower cannot take deep vision prompts: a
+    ResNet (by name, before it is loaded, or by its ``visual``) or an open_clip model (its
+    towers are laid out otherwise; only OpenAI CLIP's ``VisionTransformer`` has the seams).
+
+    Args:
+        trainer: who asks (named in the message), e.g. ``MaPLe``.
+        backbone: ``MODEL.BACKBONE.NAME``.
+        visual: the loaded model's image tower, when there is one.
+    """
+    from selftpt.clip_loader import CLIP_ARCHS, is_open_clip_name
+    from selftpt.errors import ConfigError
+
+    if is_open_clip_name(backbone):
+        raise ConfigError(f"{trainer} prompts the layers of OpenAI CLIP's ViT; open_clip backbones ({backbone}) "
+                          "have no deep-prompt seams yet: use an OpenAI ViT, e.g. MODEL.BACKBONE.NAME ViT-B/16")
+    resnet_by_name = isinstance(CLIP_ARCHS.get(backbone, {}).get("vision_layers"), (tuple, list))
+    if resnet_by_name or (visual is not None and not isinstance(visual, VisionTransformer)):
+        raise ConfigError(f"{trainer} prompts the layers of a ViT image encoder, but backbone {backbone} is a "
+                          "ResNet CLIP (no transformer layers); use a ViT backbone, e.g. MODEL.BACKBONE.NAME "
+                          "ViT-B/16 with INPUT.SIZE (224, 224) (the built-in CPU benchmark's Bench-RN-* "
+                          "backbones are ResNets)")
+
+
 def prompt_site(encoder: nn.Module) -> str:
     """``text`` or ``image``: where deep prompts go in ``encoder``; anything else is refused."""
     if isinstance(encoder, TextEncoder):

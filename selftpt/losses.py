@@ -99,3 +99,17 @@ def ensemble_views(logits: torch.Tensor, mode: str = "mean", fraction: float = 0
     if mode == "confident":
         probs = torch.stack([p[select_confident(view_logits, fraction)] for p, view_logits in zip(probs, logits)])
     return probs.mean(dim=1).clamp_min(1e-12).log()
+
+
+def text_feature_dispersion(text_features: torch.Tensor) -> torch.Tensor:
+    """C-TPT's average text feature dispersion (ATFD): the mean L2 distance of the class text
+    features from their centroid, ``1/C sum_c ||t_c - mean_c' t_c'||``.
+
+    C-TPT (Yoon et al., ICLR 2024) finds that prompts whose class features lie farther apart
+    give better calibrated predictions, and maximises this next to TPT's entropy.
+
+    Args:
+        text_features: (C, D) L2-normalised class text features (C >= 1).
+    """
+    features = text_features.float()
+    return (features - features.mean(dim=0, keepdim=True)).norm(dim=-1).mean()

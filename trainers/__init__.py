@@ -1,2 +1,2 @@
 """Dassl trainers; importing this package registers them in TRAINER_REGISTRY."""
-from trainers import cocoop, coop, selftpt, tpt, zsclip  # noqa: F401
+from trainers import cocoop, coop, ctpt, maple, maple_tpt, promptalign, promptsrc, promptsrc_tpt, selftpt, tpt, zsclip  # noqa: F401

@@ -53,7 +53,7 @@ class TPT(ClipTrainer):
 
     # ------------------------------------------------------------------------------ data
     def custom_test_transform(self) -> TestTimeViews:
-        node = self.cfg.TRAINER.TPT
+        node = self.node
         self.views = TestTimeViews.from_cfg(self.cfg, node.N_VIEWS, node.AUGMIX)
         augmix = use_augmix(node.AUGMIX, self.cfg.DATASET.NAME)
         print(f"TPT views: {node.N_VIEWS} per image (clean view first), AugMix {'on' if augmix else 'off'}")
@@ -116,9 +116,9 @@ class TPT(ClipTrainer):
                    else f"N_CTX is {own.shape[-2]}")
             raise CheckpointError(
                 f"Checkpoint {path} holds a prompt of {ctx.shape[-2]} context tokens (N_CTX "
-                f"{ctx.shape[-2]}) but TRAINER.TPT builds {own.shape[-2]} ({how}); TPT tunes the "
-                f"loaded context as it is, so set TRAINER.TPT.N_CTX {ctx.shape[-2]} and "
-                f'TRAINER.TPT.CTX_INIT "" (or load a CoOp prompt trained with {own.shape[-2]} tokens)'
+                f"{ctx.shape[-2]}) but TRAINER.{self.CFG_NODE} builds {own.shape[-2]} ({how}); TPT tunes the "
+                f"loaded context as it is, so set TRAINER.{self.CFG_NODE}.N_CTX {ctx.shape[-2]} and "
+                f'TRAINER.{self.CFG_NODE}.CTX_INIT "" (or load a CoOp prompt trained with {own.shape[-2]} tokens)'
             )
         super().load_model(directory, epoch)
         self.prompt_init = f"CoOp checkpoint {path}"
@@ -174,14 +174,20 @@ class TPT(ClipTrainer):
         with torch.enable_grad():  # test() runs under no_grad
             for _ in range(node.STEPS):
                 with self.autocast():
-                    logits = model.logits(image_features, model.text_features())  # (V, n_cls)
+                    text_features = model.text_features()  # (n_cls, D)
+                    logits = model.logits(image_features, text_features)  # (V, n_cls)
                     if selected is None:  # chosen once, at the first step (as TPT)
                         selected = select_confident(logits.detach(), node.SELECTION_P)
-                    loss = marginal_entropy(logits[selected])
+                    loss = self.tuning_loss(logits[selected], text_features)
                 self.step(loss, scaler=self.scaler)
         with torch.no_grad(), self.autocast():
             logits = model.logits(image_features[:1], model.text_features())  # (1, n_cls)
         return logits.float()
+
+    def tuning_loss(self, logits: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """The per-image objective on the selected views' logits and the class text features:
+        TPT's marginal entropy (subclasses add terms, e.g. C-TPT's text feature dispersion)."""
+        return marginal_entropy(logits)
 
     def _memory_error(self, views: torch.Tensor) -> UserError:
         node = self.node
@@ -192,8 +198,8 @@ class TPT(ClipTrainer):
             f"{self.model.prompt_learner.n_cls} classes on {views.shape[0]} views: the text "
             f"encoder keeps the activations of every class prompt for the backward pass "
             f"(TPT's authors needed > 16 GB of GPU memory for 1000 classes). Set "
-            f"TRAINER.TPT.GRAD_CHECKPOINT True (recomputes the text transformer in backward: "
-            f"far less memory, somewhat slower), and/or lower TRAINER.TPT.N_VIEWS (now "
+            f"TRAINER.{self.CFG_NODE}.GRAD_CHECKPOINT True (recomputes the text transformer in backward: "
+            f"far less memory, somewhat slower), and/or lower TRAINER.{self.CFG_NODE}.N_VIEWS (now "
             f"{node.N_VIEWS}, e.g. 32), or run on a device with more memory"
         )
 

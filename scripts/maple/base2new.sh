@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# MaPLe, base-to-new (train on base classes, test on base and new). Settings: bash scripts/maple/base2new.sh --help
+PROTOCOL=base2new
+source "$(dirname "$0")/method.sh"

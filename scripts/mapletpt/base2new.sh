@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# MaPLe+TPT, base-to-new (train on base classes, test on base and new). Settings: bash scripts/mapletpt/base2new.sh --help
+PROTOCOL=base2new
+source "$(dirname "$0")/method.sh"

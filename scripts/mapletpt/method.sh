@@ -1,0 +1,10 @@
+# MaPLe+TPT's settings for scripts/mapletpt/*.sh (sourced); the protocol comes from the calling script.
+# It starts from trained MaPLe prompts: run MaPLe first, then e.g.
+#   PROMPTS_FROM=MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets bash scripts/mapletpt/xd.sh
+# (the PROMPT_DEPTH of this config, 3, must be the loaded model's).
+METHOD_DIR=mapletpt TRAINER=MaPLeTPT PAPER_CFG=vit_b16_c2_ep5_batch4_2ctx_cross_datasets BENCH_CFG=bench
+# shellcheck source=../common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+# Rows named MaPLe+TPT (the sweep would call a PROMPTS_FROM run MaPLeTPT+MaPLe), so that
+# parse_results.py --reference matches the published MaPLe+TPT numbers; a later TRAINER.METHOD_NAME wins.
+case "${1:-}" in -h|--help) run_protocol "$@" ;; *) run_protocol TRAINER.METHOD_NAME "MaPLe+TPT" "$@" ;; esac

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# PromptSRC+TPT, few-shot (1 2 4 8 16 shots per class). Settings: bash scripts/promptsrc_tpt/fewshot.sh --help
+PROTOCOL=fewshot
+source "$(dirname "$0")/method.sh"
