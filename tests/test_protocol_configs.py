@@ -204,6 +204,15 @@ def test_every_shipped_plan_resolves_for_every_protocol_it_lists():
                 assert resolve_plan(trainer, name, protocol).stems
 
 
+def test_every_methods_paper_setting_resolves_for_every_protocol_script_it_has():
+    """DATA set: each scripts/<method>/<protocol>.sh runs its PAPER_CFG (a plan or one config)."""
+    for method in sorted(p.parent for p in (REPO / "scripts").glob("*/method.sh")):
+        trainer = re.search(r"\bTRAINER=(\S+)", (method / "method.sh").read_text()).group(1)
+        for script in method.glob("*.sh"):
+            if script.stem in PROTOCOLS:
+                assert resolve_plan(trainer, paper_cfg(method.name), script.stem).stems, script
+
+
 # --------------------------------------------------------------------------- tables
 
 
