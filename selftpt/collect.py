@@ -131,13 +131,20 @@ def _int_or(value: str | None, default: int) -> int:
         return default
 
 
+def _evaluated_shots(num_shots: int, path_fields: dict) -> int:
+    """The shots a run counts under: its own NUM_SHOTS, or, for an evaluation on every image
+    (-1) in a sweep's folder (``shots_<K>``), the K its model was trained with, so that a cross-
+    dataset method's source and target runs are one row of the table."""
+    return num_shots if num_shots > 0 else path_fields.get("shots", num_shots)
+
+
 def _run_from_results(path: Path) -> FinishedRun:
     rec = read_results(path)
     return FinishedRun(
         method=rec["method"],
         dataset=canonical_dataset(rec["dataset"]),
         subsample=rec["subsample_classes"],
-        shots=rec["num_shots"],
+        shots=_evaluated_shots(rec["num_shots"], _fields_from_path(path.parent.resolve())),
         seed=rec["seed"],
         backbone=rec["backbone"],
         split=rec["split"],
@@ -169,7 +176,7 @@ def _run_from_log(log: dassl_log.ParsedLog) -> FinishedRun | str:
         method=method,
         dataset=canonical_dataset(dataset),
         subsample=subsample,
-        shots=_int_or(cfg.get("DATASET.NUM_SHOTS"), path_fields.get("shots", -1)),
+        shots=_evaluated_shots(_int_or(cfg.get("DATASET.NUM_SHOTS"), path_fields.get("shots", -1)), path_fields),
         seed=_int_or(cfg.get("SEED"), path_fields.get("seed", -1)),
         backbone=cfg.get("MODEL.BACKBONE.NAME", ""),
         split=cfg.get("TEST.SPLIT", "test"),

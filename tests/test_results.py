@@ -14,6 +14,7 @@ import pytest
 from yacs.config import CfgNode as CN
 
 import parse_results
+import trainers  # noqa: F401  (registers the trainers: the tables order methods by their TABLE_ORDER)
 from selftpt import collect, dassl_log, tables
 from selftpt.plots import load_efficiency, plot_efficiency, validate_efficiency
 from selftpt.results import (
@@ -256,6 +257,22 @@ def test_xd_table_excludes_the_source_from_the_mean(tmp_path):
     zs = cells_by(t, "Mean (targets)", "ZeroshotCLIP", "accuracy")
     assert zs["mean"] == pytest.approx(50.0) and zs["incomplete"] == 0
     assert [row[0] for row in t.rows] == ["ZeroshotCLIP", "SelfTPT"]  # baselines first
+
+
+def test_a_sweeps_xd_runs_are_one_row_with_the_shots_the_model_was_trained_with(tmp_path):
+    """The targets are evaluated on every image (NUM_SHOTS -1) of a model trained on 16 shots of
+    the source; the sweep's folder (shots_16) says so, and the table keeps one row per method."""
+    for seed in (1, 2, 3):
+        put_result(tmp_path / "xd/train/ImageNet/shots_16/CoOp/bench" / f"seed{seed}", 70.0, dataset="ImageNet",
+                   seed=seed, shots=16, trainer="CoOp")
+        put_result(tmp_path / "xd/test/Caltech101/shots_16/CoOp/bench" / f"seed{seed}", 50.0, dataset="Caltech101",
+                   seed=seed, shots=-1, trainer="CoOp")
+    put_result(tmp_path / "elsewhere/seed1", 40.0, dataset="Caltech101", seed=1, shots=-1, trainer="ZeroshotCLIP")
+    runs = collect.collect_runs([tmp_path]).runs
+    assert {(r.method, r.dataset, r.shots) for r in runs} == {("CoOp", "ImageNet", 16), ("CoOp", "Caltech101", 16),
+                                                             ("ZeroshotCLIP", "Caltech101", -1)}
+    t = tables.build_tables([r for r in runs if r.method == "CoOp"], source="imagenet")[0][0]
+    assert [row[0] for row in t.rows] == ["CoOp"]
 
 
 def test_mixed_configs_in_one_group_are_reported(tmp_path):
