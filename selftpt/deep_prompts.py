@@ -11,14 +11,21 @@ forward hooks around CLIP's own modules, so no CLIP forward is copied:
   prompt embedding itself (the learner's context, which gets CLIP's positional embedding);
   deeper tokens get none, as in MaPLe. The hooks sit on the encoder's ``layer_inputs`` hook
   points, so CLIP's own ``encode_text`` (which shares the blocks) is never prompted.
-- image (``clip.model.VisionTransformer``): layer 0's n tokens are appended after the patch
-  tokens, after the positional embedding (prompts have no position) and before ``ln_pre``;
-  before each prompted layer i >= 1 the last n positions are replaced (MaPLe's and PromptSRC's
-  ``VisionTransformer``). ``ln_post`` pools the class token only, so prompts change the image
-  features through attention alone. Layers not named keep what the previous layer computed at
-  the prompt positions.
-- ``ModifiedResNet`` (RN50 ...) is refused: a convolutional trunk with one attention-pooling
-  layer has no transformer layers to prompt, and the papers prompt ViT layers only.
+- image (``clip.model.VisionTransformer``, OpenAI's, and ``open_clip.transformer.VisionTransformer``):
+  layer 0's n tokens are appended after the patch tokens, after the positional embedding
+  (prompts have no position) and open_clip's patch dropout (which drops patches, not prompts),
+  before ``ln_pre``; before each prompted layer i >= 1 the last n positions are replaced
+  (MaPLe's and PromptSRC's ``VisionTransformer``). ``ln_post`` pools the class token only, so
+  prompts change the image features through attention alone. Layers not named keep what the
+  previous layer computed at the prompt positions. OpenAI's blocks take (L, N, D), open_clip's
+  (N, L, D) unless its transformer is not ``batch_first``; the hooks read the layout off the tower.
+- refused (``vision_refusal``): ResNets (OpenAI's and open_clip's ``ModifiedResNet``: a
+  convolutional trunk with one attention-pooling layer has no transformer layers to prompt, and
+  the papers prompt ViT layers only); open_clip ViTs with an attentional pooler (it attends to
+  every token, prompts included) or pooling other than the class token ('avg' would average the
+  prompts in, 'none' returns them); timm towers (``TimmModel``: EVA-CLIP), whose EVA blocks apply
+  rotary position embeddings sized for the class token and the patch grid, so appended tokens
+  would need the attention rewritten rather than hooked.
 
 With no prompts installed nothing is hooked: outputs are bit-identical to plain CLIP.
 
@@ -31,10 +38,11 @@ encoding that neither covers are detected (``recording_prompt_use``) and the ent
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -137,10 +145,82 @@ class DeepPromptHandle:
                 used.append(self)
 
 
+# What the deep-prompt trainers run on, for the one-line refusals.
+SUPPORTED_VISION = ("OpenAI CLIP's ViTs (ViT-B/16 ...) and open_clip's VisionTransformer with class-token pooling "
+                    "and no attentional pooler (e.g. open_clip:ViT-B-16/laion2b_s34b_b88k)")
+
+
+def _open_clip_vit_class() -> type | None:
+    """open_clip's ``VisionTransformer`` if open_clip is imported (an optional extra; an
+    encoder cannot be one of its towers otherwise, so it is never imported here)."""
+    return getattr(sys.modules.get("open_clip.transformer"), "VisionTransformer", None)
+
+
+def is_open_clip_vit(visual: nn.Module) -> bool:
+    """True for an open_clip ``VisionTransformer`` (supported or not: see ``vision_refusal``)."""
+    vit = _open_clip_vit_class()
+    return vit is not None and isinstance(visual, vit)
+
+
+def vision_refusal(visual: nn.Module) -> str:
+    """"" when deep vision prompts fit ``visual``, else what it has that they do not fit (a phrase)."""
+    if isinstance(visual, VisionTransformer):
+        return ""
+    if is_open_clip_vit(visual):
+        if getattr(visual, "attn_pool", None) is not None:
+            return "an attentional pooler (attn_pool), which attends to the prompt tokens too"
+        if visual.pool_type != "tok":
+            return f"image pooling {visual.pool_type!r} (only class-token pooling 'tok' leaves the prompts out)"
+        if getattr(visual, "output_tokens", False):
+            return "an image tower that returns its tokens (output_tokens)"
+        return ""
+    name = type(visual).__name__
+    if name == "ModifiedResNet":  # OpenAI's or open_clip's
+        return "a ResNet"
+    if name == "TimmModel":
+        return _timm_refusal(type(getattr(visual, "trunk", visual)).__name__)
+    return f"an image tower of type {name}"
+
+
+def _timm_refusal(model: str) -> str:
+    return (f"a timm image tower ({model}): deep prompts hook open_clip's own ViT blocks, not timm's (EVA02's "
+            "rotary position embeddings are sized for the class and patch tokens, which appended prompts do not fit)")
+
+
+def _open_clip_vision_cfg(backbone: str) -> dict[str, Any] | None:
+    """The ``vision_cfg`` of an ``open_clip:`` name from open_clip's config, read without weights
+    or network; None when it cannot be (hf-hub names, unknown names, no package: the model is
+    checked once built, or the loader says what is wrong)."""
+    from selftpt.open_clip_backend import PREFIX, SCHEMAS, OpenClipError, OpenClipSpec, model_config
+
+    spec = backbone[len(PREFIX):].strip()
+    if spec.startswith("hf-hub:"):
+        return None
+    arch = spec if spec.startswith(SCHEMAS) else spec.split("@", 1)[0].split("/", 1)[0]
+    try:
+        config = model_config(OpenClipSpec(backbone, arch))
+    except (OpenClipError, OSError, ValueError, KeyError):
+        return None
+    return (config or {}).get("vision_cfg")
+
+
+def _config_refusal(vision_cfg: dict[str, Any]) -> str:
+    """``vision_refusal`` from an open_clip ``vision_cfg``, before the model is built."""
+    if vision_cfg.get("timm_model_name"):
+        return _timm_refusal(vision_cfg["timm_model_name"])
+    if isinstance(vision_cfg.get("layers"), (tuple, list)):
+        return "a ResNet"
+    if vision_cfg.get("attentional_pool"):
+        return "an attentional pooler (attn_pool), which attends to the prompt tokens too"
+    pool = vision_cfg.get("pool_type", "tok")
+    if pool != "tok":
+        return f"image pooling {pool!r} (only class-token pooling 'tok' leaves the prompts out)"
+    return ""
+
+
 def require_vit_backbone(trainer: str, backbone: str, visual: nn.Module | None = None) -> None:
-    """Refuse, in one line, a backbone whose image tower cannot take deep vision prompts: a
-    ResNet (by name, before it is loaded, or by its ``visual``) or an open_clip model (its
-    towers are laid out otherwise; only OpenAI CLIP's ``VisionTransformer`` has the seams).
+    """Refuse, in one line, a backbone whose image tower cannot take deep vision prompts
+    (``vision_refusal``): by name or open_clip's config before it is loaded, or by its ``visual``.
 
     Args:
         trainer: who asks (named in the message), e.g. ``MaPLe``.
@@ -150,28 +230,53 @@ def require_vit_backbone(trainer: str, backbone: str, visual: nn.Module | None =
     from selftpt.clip_loader import CLIP_ARCHS, is_open_clip_name
     from selftpt.errors import ConfigError
 
-    if is_open_clip_name(backbone):
-        raise ConfigError(f"{trainer} prompts the layers of OpenAI CLIP's ViT; open_clip backbones ({backbone}) "
-                          "have no deep-prompt seams yet: use an OpenAI ViT, e.g. MODEL.BACKBONE.NAME ViT-B/16")
-    resnet_by_name = isinstance(CLIP_ARCHS.get(backbone, {}).get("vision_layers"), (tuple, list))
-    if resnet_by_name or (visual is not None and not isinstance(visual, VisionTransformer)):
+    if visual is not None:
+        why = vision_refusal(visual)
+    elif is_open_clip_name(backbone):
+        vision_cfg = _open_clip_vision_cfg(backbone)
+        why = _config_refusal(vision_cfg) if vision_cfg is not None else ""
+    else:
+        why = "a ResNet" if isinstance(CLIP_ARCHS.get(backbone, {}).get("vision_layers"), (tuple, list)) else ""
+    if why == "a ResNet":
         raise ConfigError(f"{trainer} prompts the layers of a ViT image encoder, but backbone {backbone} is a "
                           "ResNet CLIP (no transformer layers); use a ViT backbone, e.g. MODEL.BACKBONE.NAME "
                           "ViT-B/16 with INPUT.SIZE (224, 224) (the built-in CPU benchmark's Bench-RN-* "
                           "backbones are ResNets)")
+    if why:
+        raise ConfigError(f"{trainer} prompts the layers of a ViT image encoder, but backbone {backbone} has "
+                          f"{why}; supported: {SUPPORTED_VISION}")
+
+
+def vision_width(visual: nn.Module) -> int:
+    """Width of the image tower's tokens, which vision prompts are concatenated with (OpenAI's
+    and open_clip's ViTs both have a class embedding of that width)."""
+    return int(visual.class_embedding.shape[-1])
+
+
+def _blocks_batch_first(visual: nn.Module) -> bool:
+    """Whether the ViT's blocks take (N, L, D): open_clip's by default; OpenAI's take (L, N, D)."""
+    return bool(getattr(visual.transformer, "batch_first", False))
+
+
+def layer_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A tensor entering one of ``visual``'s blocks as (L, N, D), whatever the tower's layout."""
+    return x.transpose(0, 1) if _blocks_batch_first(visual) else x
 
 
 def prompt_site(encoder: nn.Module) -> str:
     """``text`` or ``image``: where deep prompts go in ``encoder``; anything else is refused."""
     if isinstance(encoder, TextEncoder):
         return TEXT
-    if isinstance(encoder, VisionTransformer):
+    if isinstance(encoder, VisionTransformer) or is_open_clip_vit(encoder):
+        why = vision_refusal(encoder)
+        if why:
+            raise ValueError(f"Deep vision prompts do not fit an image tower with {why}; supported: {SUPPORTED_VISION}")
         return IMAGE
-    if isinstance(encoder, ModifiedResNet):
+    if type(encoder).__name__ == "ModifiedResNet" or isinstance(encoder, ModifiedResNet):
         raise ValueError("Deep vision prompts need a ViT image encoder: a ResNet CLIP has no transformer "
                          "layers to prompt (MaPLe, PromptSRC and PromptAlign prompt ViT layers only)")
-    raise TypeError(f"Deep prompts go into a selftpt TextEncoder or a CLIP VisionTransformer, "
-                    f"not a {type(encoder).__name__}")
+    raise TypeError(f"Deep prompts go into a selftpt TextEncoder or a CLIP VisionTransformer (OpenAI's or "
+                    f"open_clip's), not a {type(encoder).__name__}")
 
 
 def deep_prompts(encoder: nn.Module, prompts: DeepPrompts, source: nn.Module | None = None) -> DeepPromptHandle:
@@ -182,7 +287,7 @@ def deep_prompts(encoder: nn.Module, prompts: DeepPrompts, source: nn.Module | N
     installing, not after: a deep copy would carry hooks that this handle cannot remove.
 
     Args:
-        encoder: a ``TextEncoder`` or ``clip_model.visual`` (a ``VisionTransformer``).
+        encoder: a ``TextEncoder`` or ``clip_model.visual`` (OpenAI's or open_clip's ``VisionTransformer``).
         prompts: the tokens per layer (module docstring: which positions, which layers).
         source: the module the tokens were computed from (``PromptedImageEncoder`` passes its
             prompt module), so the feature cache knows that a digest of it covers them.
@@ -227,21 +332,28 @@ def _hook_text(handle: DeepPromptHandle, encoder: TextEncoder) -> None:
             lambda module, args, x, layer=layer: replace(layer, module, args, x)))
 
 
-def _hook_image(handle: DeepPromptHandle, encoder: VisionTransformer) -> None:
+def _hook_image(handle: DeepPromptHandle, encoder: nn.Module) -> None:
     layers = handle.prompts.layers
     if 0 not in layers:
         raise ValueError("Deep vision prompts need layer 0's tokens: they are appended to the patch "
                          "tokens there, and deeper layers replace them")
     n = handle.prompts.n_tokens
+    batch_first = _blocks_batch_first(encoder)
 
     def append(module: nn.Module, args: tuple) -> tuple[torch.Tensor]:
         handle.note_use()
-        (x,) = args  # (N, L, D) batch-first, positional embedding already added
+        (x,) = args  # (N, L, D) batch-first in both towers, positional embedding already added
         return (torch.cat([x, _sequence_first(layers[0], x.shape[0], x).transpose(0, 1)], dim=1),)
 
-    def replace(layer: int, module: nn.Module, args: tuple) -> tuple[torch.Tensor]:
-        (x,) = args  # (L, N, D) sequence-first, prompts last
-        return (torch.cat([x[:x.shape[0] - n], _sequence_first(layers[layer], x.shape[1], x)], dim=0),)
+    def replace(layer: int, module: nn.Module, args: tuple) -> tuple:
+        # (L, N, D), or (N, L, D) in a batch-first tower, prompts last; open_clip's checkpointed
+        # blocks get more positional arguments (k_x, v_x, attn_mask), passed on as they are
+        x = args[0]
+        if batch_first:
+            tokens = _sequence_first(layers[layer], x.shape[0], x).transpose(0, 1)
+            return (torch.cat([x[:, :x.shape[1] - n], tokens], dim=1), *args[1:])
+        tokens = _sequence_first(layers[layer], x.shape[1], x)
+        return (torch.cat([x[:x.shape[0] - n], tokens], dim=0), *args[1:])
 
     handle.hooks.append(encoder.ln_pre.register_forward_pre_hook(append))
     for layer in layers:
@@ -277,7 +389,8 @@ def recording_prompt_use(module: nn.Module) -> Iterator[list[DeepPromptHandle]]:
 
 
 class PromptedImageEncoder(nn.Module):
-    """CLIP's ViT with deep vision prompts computed by ``prompts()`` at every forward, as one module.
+    """CLIP's ViT (OpenAI's or open_clip's) with deep vision prompts computed by ``prompts()`` at
+    every forward, as one module.
 
     Every tensor the image features depend on is a parameter or buffer of this module (the
     encoder's and the prompt module's), so the feature cache's digest of it covers the prompts:
@@ -289,7 +402,7 @@ class PromptedImageEncoder(nn.Module):
             depend on must be its parameters, buffers or submodules.
     """
 
-    def __init__(self, visual: VisionTransformer, prompts: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, prompts: nn.Module) -> None:
         super().__init__()
         prompt_site(visual)
         self.visual = visual

@@ -18,21 +18,16 @@ and "a photo of a").
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selftpt.clip_loader import token_count, tokenize
-from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts
+from selftpt.clip_loader import Tokenizer, text_tokenizer, token_count, tokenize
+from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts, vision_width
 from selftpt.errors import ConfigError
 from selftpt.prompt_learner import clean_classname
 from selftpt.text_encoder import TextEncoder
-
-with warnings.catch_warnings():  # clip imports the deprecated pkg_resources
-    warnings.simplefilter("ignore")
-    from clip.model import VisionTransformer
 
 # The context is initialised from CTX_INIT's words only up to this many tokens (original code).
 MAX_INIT_TOKENS = 4
@@ -61,7 +56,8 @@ class MultiModalPromptLearner(nn.Module):
 
     Args:
         classnames: target class names (order = label order).
-        clip_model: the frozen CLIP model (a ViT image tower), for the token embedding and widths.
+        clip_model: the frozen CLIP model (a ViT image tower, OpenAI's or open_clip's), for the
+            token embedding, the widths and the tokenizer (open_clip models carry their own).
         n_ctx: learnable context tokens (also the prompt tokens of every deeper layer).
         ctx_init: words the context starts from ("" = random, N(0, 0.02)); used when n_ctx <= 4.
         depth: prompted layers J >= 1 (1 = "shallow" MaPLe: the context and its projection only).
@@ -76,17 +72,18 @@ class MultiModalPromptLearner(nn.Module):
         self.config_node = config_node
         self.dtype = clip_model.dtype
         self.context_length = int(clip_model.positional_embedding.shape[0])
+        self.tokenizer: Tokenizer = text_tokenizer(clip_model)  # the model's own (open_clip's or OpenAI's)
         object.__setattr__(self, "_token_embedding", clip_model.token_embedding)  # not a submodule
         ctx_dim = clip_model.ln_final.weight.shape[0]
-        vis_dim = clip_model.visual.conv1.out_channels
+        vis_dim = vision_width(clip_model.visual)
         ctx_init = ctx_init.replace("_", " ").strip()
         if ctx_init and n_ctx <= MAX_INIT_TOKENS:
-            words = token_count(ctx_init)
+            words = token_count(ctx_init, self.tokenizer)
             if words < n_ctx:
                 raise ConfigError(f'{config_node}.CTX_INIT "{ctx_init}" has {words} tokens, fewer than '
                                   f"{config_node}.N_CTX {n_ctx}; give at least N_CTX words or CTX_INIT \"\"")
             with torch.no_grad():
-                init = self.embed_tokens(tokenize(ctx_init, self.context_length))[0, 1:1 + n_ctx].float()
+                init = self.embed_tokens(self.tokenize([ctx_init]))[0, 1:1 + n_ctx].float()
             self.prompt_prefix = ctx_init
         else:
             if ctx_init:
@@ -111,6 +108,10 @@ class MultiModalPromptLearner(nn.Module):
         weight = self._token_embedding.weight
         return self._token_embedding(tokens.to(weight.device)).type(self.dtype)
 
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """(n, context_length) token ids of ``texts`` with the model's tokenizer."""
+        return tokenize(texts, self.context_length, self.tokenizer)
+
     @property
     def n_cls(self) -> int:
         return len(self.classnames)
@@ -120,15 +121,15 @@ class MultiModalPromptLearner(nn.Module):
         if not classnames:
             raise ValueError("The class list is empty; a prompt needs at least one class name")
         names = [clean_classname(n) for n in classnames]
-        lengths = [token_count(n) for n in names]
-        prefix_tokens = max(token_count(self.prompt_prefix), self.n_ctx)
+        lengths = [token_count(n, self.tokenizer) for n in names]
+        prefix_tokens = max(token_count(self.prompt_prefix, self.tokenizer), self.n_ctx)
         need = 1 + prefix_tokens + max(lengths) + 2
         if need > self.context_length:
             raise ConfigError(f"{self.config_node}.N_CTX / CTX_INIT leave no room for class "
                               f"{names[lengths.index(max(lengths))]!r} in the text encoder's {self.context_length} "
                               f"tokens (needs {need}); shorten CTX_INIT or lower N_CTX")
         self.classnames, self.name_lens = names, lengths
-        tokenized = tokenize([f"{self.prompt_prefix} {n}." for n in names], self.context_length)
+        tokenized = self.tokenize([f"{self.prompt_prefix} {n}." for n in names])
         device = self.ctx.device
         with torch.no_grad():
             embedding = self.embed_tokens(tokenized).to(device)
@@ -173,7 +174,7 @@ class MaPLeCLIP(nn.Module):
 
     Args:
         prompt_learner: the multi-modal prompts over the current class names.
-        clip_model: the frozen OpenAI CLIP model with a ViT image tower.
+        clip_model: the frozen CLIP model with a ViT image tower (OpenAI's or open_clip's).
         grad_checkpoint: checkpoint the text transformer (memory for many classes).
     """
 
@@ -187,7 +188,7 @@ class MaPLeCLIP(nn.Module):
         self.dtype = clip_model.dtype
 
     @property
-    def visual(self) -> VisionTransformer:
+    def visual(self) -> nn.Module:
         return self.image_encoder.visual
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selftpt.clip_loader import tokenize
-from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts
+from selftpt.clip_loader import Tokenizer, tokenize
+from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts, vision_width
 from selftpt.errors import ConfigError
 from selftpt.prompt_learner import PromptLearner
 from selftpt.templates import IMAGENET_TEMPLATES
@@ -102,7 +102,8 @@ class IVLPPrompts(nn.Module):
 
     Args:
         classnames: the class names (order = label order).
-        clip_model: frozen CLIP with a ViT image encoder.
+        clip_model: frozen CLIP with a ViT image encoder (OpenAI's or open_clip's); the text
+            context is tokenised by the model's own tokenizer (``PromptLearner``).
         n_ctx_text, n_ctx_vision: prompt tokens per layer.
         depth_text: prompted text layers (>= 1; layer 0 is the context).
         depth_vision: prompted vision layers (0 = no vision prompts).
@@ -120,7 +121,7 @@ class IVLPPrompts(nn.Module):
         if self.prompt_learner.n_ctx != n_ctx_text:
             raise ConfigError(f'{config_node}.CTX_INIT "{ctx_init}" gives {self.prompt_learner.n_ctx} context '
                               f"tokens but {config_node}.N_CTX_TEXT is {n_ctx_text}; make them agree")
-        self.image_encoder = VisionPrompts(n_ctx_vision, clip_model.visual.conv1.out_channels, self.depth_vision)
+        self.image_encoder = VisionPrompts(n_ctx_vision, vision_width(clip_model.visual), self.depth_vision)
         self.text_encoder = TextPrompts(n_ctx_text, clip_model.ln_final.weight.shape[0], self.depth_text)
 
     def prompt_parameters(self) -> dict[str, nn.Parameter]:
@@ -174,7 +175,8 @@ class IVLPClip(nn.Module):
 
 @torch.no_grad()
 def frozen_text_features(text_encoder: TextEncoder, token_embedding: nn.Embedding, classnames: list[str],
-                         templates: tuple[str, ...] = PROMPTSRC_TEMPLATES) -> torch.Tensor:
+                         templates: tuple[str, ...] = PROMPTSRC_TEMPLATES,
+                         tokenizer: Tokenizer | None = None) -> torch.Tensor:
     """(C, D) L2-normalised frozen-CLIP class features averaged over ``templates``.
 
     As PromptSRC: each template's *unnormalised* text features are averaged, and the mean is
@@ -183,19 +185,22 @@ def frozen_text_features(text_encoder: TextEncoder, token_embedding: nn.Embeddin
     Args:
         text_encoder: the text tower, with no deep prompts installed (frozen CLIP's pass).
         token_embedding: CLIP's token embedding (it may sit on another device).
+        tokenizer: the model's tokenizer (the prompt learner's); None = OpenAI's.
     """
     context_length = int(text_encoder.positional_embedding.shape[0])
     device = text_encoder.positional_embedding.device
     names = [n.replace("_", " ") for n in classnames]
 
     def encode(tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens[:, :trimmed_length(tokens)]
+        # the positions the encoder runs anyway (its layout's, e.g. all of them for a bidirectional tower)
+        layout = text_encoder.layout
+        tokens = tokens[:, :trimmed_length(tokens) if layout is None else layout.length(tokens)]
         embeddings = token_embedding(tokens.to(token_embedding.weight.device))
         return text_encoder(embeddings.to(device=device, dtype=text_encoder.dtype), tokens.to(device)).float()
 
     total = None
     for template in templates:
-        feats = encode_in_chunks(encode, tokenize([template.format(n) for n in names], context_length))
+        feats = encode_in_chunks(encode, tokenize([template.format(n) for n in names], context_length, tokenizer))
         total = feats if total is None else total + feats
     return F.normalize(total / len(templates), dim=-1)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selftpt.deep_prompts import layer_tokens
 from selftpt.errors import UserError
 from selftpt.fsmode import atomic_write
 
@@ -39,13 +40,14 @@ def recording_tokens(visual: nn.Module, layers: Iterable[int]) -> Iterator[dict[
 
     The hook sits on the block's ``ln_1`` (the block computes ``x + attn(ln_1(x))``), so it
     sees the tokens after deep prompts placed by the block's own pre-hooks; gradients flow.
+    open_clip's batch-first blocks see (N, L, D), recorded transposed, so statistics have one layout.
     """
     recorded: dict[int, torch.Tensor] = {}
     handles = []
     blocks = visual.transformer.resblocks
     for layer in layers:
         def hook(module: nn.Module, args: tuple, layer: int = layer) -> None:
-            recorded[layer] = args[0]
+            recorded[layer] = layer_tokens(visual, args[0])
         handles.append(blocks[layer].ln_1.register_forward_pre_hook(hook))
     try:
         yield recorded

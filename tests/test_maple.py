@@ -244,7 +244,7 @@ def test_fp16_and_amp_are_finite_and_close_to_fp32(precision, tiny_data_root, de
     assert abs(got.test_result["metrics"]["accuracy"] - ref.test_result["metrics"]["accuracy"]) <= 10.0
 
 
-def test_an_open_clip_backbone_is_refused_in_one_line_for_deep_vision_prompts():
-    with pytest.raises(ConfigError, match="open_clip backbones .* have no deep-prompt seams yet") as caught:
-        require_vit_backbone("MaPLe", "open_clip:ViT-B-16/laion2b_s34b_b88k")
+def test_an_open_clip_tower_without_the_seams_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="has a timm image tower .* supported: OpenAI CLIP") as caught:
+        require_vit_backbone("MaPLe", "open_clip:EVA02-B-16/merged2b_s8b_b131k")
     assert "\n" not in str(caught.value)

@@ -48,7 +48,7 @@ class MaPLeModelMixin:
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
-        require_vit_backbone(type(self).__name__, cfg.MODEL.BACKBONE.NAME)  # a known ResNet, before loading it
+        require_vit_backbone(type(self).__name__, cfg.MODEL.BACKBONE.NAME)  # a known ResNet / unfit tower, unloaded
 
     def build_maple_model(self, grad_checkpoint: bool = False) -> MaPLeCLIP:
         node, name = self.node, f"TRAINER.{self.CFG_NODE}"

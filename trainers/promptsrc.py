@@ -17,8 +17,9 @@ that sum, so the last checkpoint and the evaluation use the aggregated prompts, 
 Checkpoints follow the original: one Dassl model ``VLPromptLearner`` whose keys are the
 original ``CustomCLIP``'s prompt keys (``prompt_learner.ctx``, ``image_encoder.VPT``,
 ``*.transformer.resblocks.<i>.VPT_shallow``); a released checkpoint (the whole ``CustomCLIP``)
-loads with ``--model-dir``, its frozen CLIP weights ignored. Deep prompts need ViT layers: a
-ResNet backbone (the CPU benchmark's Bench-RN-*) is refused in one line.
+loads with ``--model-dir``, its frozen CLIP weights ignored. Deep prompts need ViT layers (OpenAI's,
+or open_clip's ViTs with class-token pooling): a ResNet backbone (the CPU benchmark's Bench-RN-*),
+an EVA (timm) tower or an attentional pooler is refused in one line.
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ MODEL_NAME = "VLPromptLearner"  # the original's registered model: checkpoints u
 
 
 def check_ivlp_cfg(cfg: Any, trainer: str) -> None:
-    """One-line errors before any work: a ResNet backbone known by name, or a CTX_INIT whose word
-    count is not N_CTX_TEXT (the deep text tokens replace exactly the context's positions)."""
+    """One-line errors before any work: a backbone whose image tower cannot take deep prompts (a
+    ResNet known by name, an open_clip tower by its config: ``require_vit_backbone``), or a CTX_INIT
+    whose word count is not N_CTX_TEXT (the deep text tokens replace exactly the context's positions)."""
     require_vit_backbone(trainer, cfg.MODEL.BACKBONE.NAME)
     p = cfg.TRAINER.PROMPTSRC
     words = len(p.CTX_INIT.replace("_", " ").split())
@@ -104,8 +106,9 @@ class PromptSRC(PromptedClipTrainer):
         images, labels = self.parse_batch_train(batch)
         node, model = self.node, self.model
         if self.frozen_text is None:
-            self.frozen_text = frozen_text_features(model.text_encoder, model.prompt_learner._token_embedding,
-                                                    self.classnames).to(self.device)
+            learner = model.prompt_learner
+            self.frozen_text = frozen_text_features(model.text_encoder, learner._token_embedding, self.classnames,
+                                                    tokenizer=learner.tokenizer).to(self.device)
         with self.autocast():
             text = model.text_features()
             image = model.encode_image(images)
