@@ -24,10 +24,11 @@ from selftpt.trainer_facts import registered_trainers
 # Folder names that say which protocol a run belongs to (nearest to the run wins).
 _PROTOCOL_DIRS = protocols.folder_names()
 _SUBSAMPLE_DIRS = {"train_base": "base", "test_base": "base", "test_new": "new", "test_all": "all"}
-# The paper's datasets (selftpt.dataset_catalog): squashed spellings -> registered name, and the
-# row/column order of tables. Benchmark datasets are recorded by their registered names and
-# sort by name after these.
-_DATASETS = dataset_catalog.alias_table(dataset_catalog.PAPER)
+# Every dataset's squashed spellings -> registered name (selftpt.dataset_catalog: a user names the
+# benchmark's source "shapeworld" as the paper's "imagenet"), and the row/column order of tables:
+# the paper's datasets in the catalogue's order; benchmark datasets sort by name after these.
+_DATASETS = {**dataset_catalog.alias_table(dataset_catalog.BENCHMARK),
+             **dataset_catalog.alias_table(dataset_catalog.PAPER)}
 DATASET_ORDER = dataset_catalog.table_order(dataset_catalog.PAPER)
 # Trainer folder names of CoOp-family repositories whose trainers are not registered here, so
 # that their logs without a config block still name a method; the registered trainers

@@ -253,6 +253,7 @@ def test_xd_table_excludes_the_source_from_the_mean(tmp_path):
     tabs, _ = tables.build_tables(collect.collect_runs([tmp_path]).runs, source="imagenet")
     t = tabs[0]
     assert t.title == "xd" and t.header[1] == "ImageNet (source)"
+    assert collect.canonical_dataset("shapeworld") == "ShapeWorld"  # the benchmark's source, by its stem
     assert cells_by(t, "Mean (targets)", "SelfTPT", "accuracy")["mean"] == pytest.approx(55.0)
     zs = cells_by(t, "Mean (targets)", "ZeroshotCLIP", "accuracy")
     assert zs["mean"] == pytest.approx(50.0) and zs["incomplete"] == 0
