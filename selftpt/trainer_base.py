@@ -27,11 +27,13 @@ from selftpt.precision import autocast, make_grad_scaler, resolve_precision
 from selftpt.prompt_learner import PromptLearner
 from selftpt.safe_data import drop_skipped
 from selftpt.shards import Shard, ShardError, shard_loader
+from selftpt.text_encoder import encode_in_chunks
 from selftpt.toolbox import (
     DataManager,
     TrainerX,
     build_lr_scheduler,
     build_optimizer,
+    compute_accuracy,
     load_checkpoint,
     load_pretrained_weights,
 )
@@ -205,6 +207,20 @@ class ClipTrainer(TrainerX):
         for name in self.get_model_names(names):
             scaler.step(self._optims[name])
         scaler.update()
+
+    def forward_backward(self, batch: dict) -> dict[str, float]:
+        """One cross-entropy step of ``self.model``'s logits on a labelled batch (CoOp, CoCoOp,
+        MaPLe); the learning rate follows the schedule per epoch, as in Dassl's trainers.
+        Trainers with another objective (Self-TPT, PromptSRC) override it."""
+        images, labels = self.parse_batch_train(batch)
+        with self.autocast():
+            logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        self.step(loss, scaler=self.scaler)
+        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return summary
 
     # ------------------------------------------------------------------------ evaluation
     def prepare_for_test(self) -> None:
@@ -421,6 +437,13 @@ class PromptedClipTrainer(ClipTrainer):
     """A trainer whose ``self.model`` is a ``PromptedCLIP`` and whose evaluation classifies
     with text features computed once (``self.eval_text_features``, set in
     ``prepare_for_test``): one image-encoder pass per image, so the feature cache applies."""
+
+    def prepare_for_test(self) -> None:
+        """The prompts are fixed during evaluation: encode the class prompts once, not per batch
+        (``self.model.text_features(indices=...)``, in chunks of ``PROMPT_CHUNK`` classes)."""
+        with torch.no_grad(), self.autocast():
+            classes = torch.arange(self.model.prompt_learner.n_cls, device=self.device)
+            self.eval_text_features = encode_in_chunks(lambda c: self.model.text_features(indices=c), classes)
 
     def image_encoder_for_cache(self) -> nn.Module | None:
         return self.model.image_encoder

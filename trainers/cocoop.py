@@ -15,7 +15,7 @@ from torch import nn
 
 from selftpt.prompt_learner import PromptLearner
 from selftpt.prompted_clip import PromptedCLIP
-from selftpt.toolbox import TRAINER_REGISTRY, compute_accuracy
+from selftpt.toolbox import TRAINER_REGISTRY
 from selftpt.trainer_base import ClipTrainer
 
 # Prompts sent through the text encoder in one call (images x classes) when no gradient is
@@ -93,15 +93,3 @@ class CoCoOp(ClipTrainer):
                                            ctx_init=node.CTX_INIT)
         self.model = CoCoOpCLIP(learner, clip_model)
         self.setup_prompt_training(self.model)
-
-    def forward_backward(self, batch: dict) -> dict[str, float]:
-        images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-        self.step(loss, scaler=self.scaler)
-        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
-        if (self.batch_idx + 1) == self.num_batches:
-            self.update_lr()
-        return summary
-

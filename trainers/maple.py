@@ -20,9 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from selftpt.deep_prompts import require_vit_backbone
 from selftpt.maple_prompts import (
     CHECKPOINT_NAME,
@@ -31,12 +28,10 @@ from selftpt.maple_prompts import (
     MultiModalPromptLearner,
     effective_depth,
 )
-from selftpt.text_encoder import encode_in_chunks
 from selftpt.toolbox import (
     TRAINER_REGISTRY,
     build_lr_scheduler,
     build_optimizer,
-    compute_accuracy,
     load_pretrained_weights,
 )
 from selftpt.trainer_base import PromptedClipTrainer
@@ -81,21 +76,3 @@ class MaPLe(MaPLeModelMixin, PromptedClipTrainer):
         self.sched = build_lr_scheduler(self.optim, self.cfg.OPTIM)
         self.register_model(CHECKPOINT_NAME, self.checkpoint_module, self.optim, self.sched)
         self.scaler = self.make_grad_scaler()
-
-    def forward_backward(self, batch: dict) -> dict[str, float]:
-        images, labels = self.parse_batch_train(batch)
-        with self.autocast():
-            logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-        self.step(loss, scaler=self.scaler)
-        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
-        if (self.batch_idx + 1) == self.num_batches:
-            self.update_lr()
-        return summary
-
-    # ------------------------------------------------------------------------ evaluation
-    def prepare_for_test(self) -> None:
-        """The prompts are fixed during evaluation: encode the class prompts once, not per batch."""
-        with torch.no_grad(), self.autocast():
-            classes = torch.arange(self.model.prompt_learner.n_cls, device=self.device)
-            self.eval_text_features = encode_in_chunks(lambda c: self.model.text_features(indices=c), classes)

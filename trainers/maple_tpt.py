@@ -104,23 +104,8 @@ class MaPLeTPT(MaPLeModelMixin, TPT):
 
     # ------------------------------------------------------------------------ evaluation
     def prepare_for_test(self) -> None:
-        self.n_timed, self.seconds_total, self.last_seconds = 0, 0.0, 0.0
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        node = self.node
-        n_keep = max(1, int(node.N_VIEWS * node.SELECTION_P))
-        self.result_extra = {
-            "tpt_n_views": node.N_VIEWS,
-            "tpt_selected_views": n_keep,
-            "tpt_steps": node.STEPS,
-            "tpt_lr": node.LR,
-            "tpt_augmix": use_augmix(node.AUGMIX, self.cfg.DATASET.NAME),
-            "maple_prompt_depth": self.model.prompt_learner.depth,
-            "prompt_init": self.prompt_init,
-            "precision": self.precision,
-        }
-        print(f"{type(self).__name__}: {node.STEPS} AdamW step(s) of lr {node.LR} per image on the {n_keep} most "
-              f"confident of {node.N_VIEWS} views, every MaPLe prompt parameter; prompts from {self.prompt_init}")
+        super().prepare_for_test()  # TPT's record; every MaPLe prompt parameter is tuned
+        self.result_extra["maple_prompt_depth"] = self.model.prompt_learner.depth
 
     def _tune_and_predict(self, views: torch.Tensor) -> torch.Tensor:
         self.reset()

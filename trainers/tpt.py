@@ -140,7 +140,7 @@ class TPT(ClipTrainer):
             "prompt_init": self.prompt_init,
             "precision": self.precision,
         }
-        print(f"TPT: {node.STEPS} AdamW step(s) of lr {node.LR} per image on the {n_keep} most "
+        print(f"{type(self).__name__}: {node.STEPS} AdamW step(s) of lr {node.LR} per image on the {n_keep} most "
               f"confident of {node.N_VIEWS} views; prompt from {self.prompt_init}")
 
     def model_inference(self, images: torch.Tensor) -> torch.Tensor:
