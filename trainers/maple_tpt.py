@@ -31,7 +31,6 @@ from selftpt.losses import marginal_entropy, select_confident
 from selftpt.maple_prompts import CHECKPOINT_NAME
 from selftpt.toolbox import TRAINER_REGISTRY, load_checkpoint
 from selftpt.trainer_base import CheckpointError, ClipTrainer
-from selftpt.views import TestTimeViews, use_augmix
 from trainers.maple import MaPLeModelMixin
 from trainers.tpt import TPT
 
@@ -46,15 +45,6 @@ class MaPLeTPT(MaPLeModelMixin, TPT):
     TABLE_ORDER = 52
     REFERENCE_CONFIGS = {"MaPLe+TPT": ("vit_b16_c2_ep5_batch4_2ctx_cross_datasets", ())}
     AUTO_CUDA_PRECISION = "fp16"  # the original runs its fp16 CLIP under autocast
-
-    # ------------------------------------------------------------------------------ data
-    def custom_test_transform(self) -> TestTimeViews:
-        node = self.node
-        self.views = TestTimeViews.from_cfg(self.cfg, node.N_VIEWS, node.AUGMIX)
-        augmix = use_augmix(node.AUGMIX, self.cfg.DATASET.NAME)
-        print(f"{type(self).__name__} views: {node.N_VIEWS} per image (clean view first), "
-              f"AugMix {'on' if augmix else 'off'}")
-        return self.views
 
     # ----------------------------------------------------------------------------- model
     def build_model(self) -> None:

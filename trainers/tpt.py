@@ -56,7 +56,8 @@ class TPT(ClipTrainer):
         node = self.node
         self.views = TestTimeViews.from_cfg(self.cfg, node.N_VIEWS, node.AUGMIX)
         augmix = use_augmix(node.AUGMIX, self.cfg.DATASET.NAME)
-        print(f"TPT views: {node.N_VIEWS} per image (clean view first), AugMix {'on' if augmix else 'off'}")
+        print(f"{type(self).__name__} views: {node.N_VIEWS} per image (clean view first), "
+              f"AugMix {'on' if augmix else 'off'}")
         return self.views
 
     def build_data_loader(self) -> None:
