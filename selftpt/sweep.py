@@ -1080,10 +1080,11 @@ def run_sharded(sweep: Sweep, plan: list[list[Step]], launch: Callable[..., int]
                 evaluations.append((number, step))
             else:
                 held += 1
-    shards = {id(step): shard_steps(sweep, step) for _, step in evaluations}
-    shard_chains = [[shards[id(step)][index] for number_, step in evaluations if number_ == number]
-                    for number in range(len(plan)) for index in range(sweep.shards)]
-    shard_chains = [chain for chain in shard_chains if chain]
+    per_chain: dict[int, list[list[Step]]] = {}  # chain -> the shard steps of each of its evaluations
+    for number, step in evaluations:
+        per_chain.setdefault(number, []).append(shard_steps(sweep, step))
+    # one chain per (chain, shard index): its evaluations' shards of that index, in order
+    shard_chains = [list(same_index) for shard_lists in per_chain.values() for same_index in zip(*shard_lists)]
     if shard_chains:
         codes.append(launch(sweep, shard_chains))
         if codes[-1] in INTERRUPTED_CODES:
