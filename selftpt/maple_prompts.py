@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selftpt.clip_loader import Tokenizer, text_tokenizer, token_count, tokenize
+from selftpt.clip_loader import token_count
 from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts, vision_width
 from selftpt.errors import ConfigError
-from selftpt.prompt_learner import clean_classname
+from selftpt.prompt_learner import ClassNamePrompts
 from selftpt.text_encoder import TextEncoder
 
 # The context is initialised from CTX_INIT's words only up to this many tokens (original code).
@@ -51,7 +51,7 @@ def effective_depth(prompt_depth: int, clip_model: nn.Module, node: str) -> int:
     return prompt_depth
 
 
-class MultiModalPromptLearner(nn.Module):
+class MultiModalPromptLearner(ClassNamePrompts):
     """Language prompts of the first ``depth`` text layers and their projections to the vision side.
 
     Args:
@@ -66,14 +66,9 @@ class MultiModalPromptLearner(nn.Module):
 
     def __init__(self, classnames: list[str], clip_model: nn.Module, n_ctx: int = 2,
                  ctx_init: str = "a photo of a", depth: int = 9, config_node: str = "TRAINER.MAPLE") -> None:
-        super().__init__()
+        super().__init__(clip_model, config_node)
         if depth < 1:
             raise ConfigError(f"{config_node}.PROMPT_DEPTH is {depth}; MaPLe prompts at least layer 0 (>= 1)")
-        self.config_node = config_node
-        self.dtype = clip_model.dtype
-        self.context_length = int(clip_model.positional_embedding.shape[0])
-        self.tokenizer: Tokenizer = text_tokenizer(clip_model)  # the model's own (open_clip's or OpenAI's)
-        object.__setattr__(self, "_token_embedding", clip_model.token_embedding)  # not a submodule
         ctx_dim = clip_model.ln_final.weight.shape[0]
         vis_dim = vision_width(clip_model.visual)
         ctx_init = ctx_init.replace("_", " ").strip()
@@ -104,38 +99,13 @@ class MultiModalPromptLearner(nn.Module):
             copy.deepcopy(nn.Linear(ctx_dim, vis_dim)) for _ in range(depth - 1))
         self.set_classnames(classnames)
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        weight = self._token_embedding.weight
-        return self._token_embedding(tokens.to(weight.device)).type(self.dtype)
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(n, context_length) token ids of ``texts`` with the model's tokenizer."""
-        return tokenize(texts, self.context_length, self.tokenizer)
-
-    @property
-    def n_cls(self) -> int:
-        return len(self.classnames)
-
-    def set_classnames(self, classnames: list[str]) -> None:
-        """Render "<prefix> <class>." for a class set (the learnt prompts are kept)."""
-        if not classnames:
-            raise ValueError("The class list is empty; a prompt needs at least one class name")
-        names = [clean_classname(n) for n in classnames]
-        lengths = [token_count(n, self.tokenizer) for n in names]
-        prefix_tokens = max(token_count(self.prompt_prefix, self.tokenizer), self.n_ctx)
-        need = 1 + prefix_tokens + max(lengths) + 2
+    def check_room(self, names: list[str], name_lens: list[int]) -> None:
+        prefix_tokens = max(token_count(self.prompt_prefix, self.tokenizer), self.n_ctx)  # CTX_INIT may be longer
+        need = 1 + prefix_tokens + max(name_lens) + 2
         if need > self.context_length:
             raise ConfigError(f"{self.config_node}.N_CTX / CTX_INIT leave no room for class "
-                              f"{names[lengths.index(max(lengths))]!r} in the text encoder's {self.context_length} "
-                              f"tokens (needs {need}); shorten CTX_INIT or lower N_CTX")
-        self.classnames, self.name_lens = names, lengths
-        tokenized = self.tokenize([f"{self.prompt_prefix} {n}." for n in names])
-        device = self.ctx.device
-        with torch.no_grad():
-            embedding = self.embed_tokens(tokenized).to(device)
-        self.register_buffer("token_prefix", embedding[:, :1, :].clone())  # SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:, :].clone())  # rest, CLS, ., EOS
-        self.register_buffer("tokenized_prompts", tokenized.to(device), persistent=False)
+                              f"{names[name_lens.index(max(name_lens))]!r} in the text encoder's "
+                              f"{self.context_length} tokens (needs {need}); shorten CTX_INIT or lower N_CTX")
 
     def forward(self, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Layer-0 prompt embeddings (n, L, d): [SOS] ctx [rest of CTX_INIT] CLASS . [EOS]."""

@@ -7,6 +7,9 @@ layouts (the three learnable CPT views of Self-TPT use all of them):
 - ``middle``: [SOS] ctx_1..ctx_{M/2}  CLASS  ctx_{M/2+1}..ctx_M . [EOS]
 - ``front``:  [SOS] CLASS  ctx_1..ctx_M . [EOS]
 
+``ClassNamePrompts`` holds what every learnable text prompt shares (tokenizer, token embedding,
+class names rendered into buffers); MaPLe's multi-modal prompts build on it too.
+
 State-dict keys are CoOp's (``ctx``, ``token_prefix``, ``token_suffix``), so CoOp's released
 prompts load directly; the two buffers depend on the class names and are rebuilt, never
 loaded, when the class set changes.
@@ -27,7 +30,69 @@ def clean_classname(name: str) -> str:
     return name.replace("_", " ")
 
 
-class PromptLearner(nn.Module):
+class ClassNamePrompts(nn.Module):
+    """What every learnable text prompt shares: the frozen CLIP's tokenizer and token embedding,
+    and the class names rendered as ``"<prompt_prefix> <class>."`` into the buffers around the
+    learnable tokens (``token_prefix``: the start token; ``token_suffix``: what follows the
+    ``n_ctx`` learnable positions). Subclasses set ``prompt_prefix``, ``n_ctx`` and ``ctx``
+    (whose device the buffers follow), then call ``set_classnames``.
+
+    Args:
+        clip_model: the frozen CLIP model (OpenAI's or open_clip's, which carries its tokenizer).
+        config_node: the config node the prompt's settings come from (e.g. ``TRAINER.COOP``), for messages.
+    """
+
+    prompt_prefix: str
+    n_ctx: int
+    ctx: nn.Parameter
+
+    def __init__(self, clip_model: nn.Module, config_node: str = "") -> None:
+        super().__init__()
+        self.config_node = config_node
+        self.dtype = clip_model.dtype
+        self.context_length = int(clip_model.positional_embedding.shape[0])
+        self.tokenizer: Tokenizer = text_tokenizer(clip_model)
+        # Not registered as a submodule: CLIP's vocabulary stays out of this module's
+        # state_dict and off its device; it is only needed to render class names.
+        object.__setattr__(self, "_token_embedding", clip_model.token_embedding)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> CLIP token embeddings in the prompt's dtype, on the embedding's device."""
+        weight = self._token_embedding.weight
+        return self._token_embedding(tokens.to(weight.device)).type(self.dtype)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """(n, context_length) token ids of ``texts`` with the model's tokenizer."""
+        return tokenize(texts, self.context_length, self.tokenizer)
+
+    @property
+    def n_cls(self) -> int:
+        return len(self.classnames)
+
+    def set_classnames(self, classnames: list[str]) -> None:
+        """Re-render the prompt for another class set (the learnt tokens are kept)."""
+        if len(classnames) == 0:
+            raise ValueError("The class list is empty; a prompt needs at least one class name")
+        names = [clean_classname(n) for n in classnames]
+        name_lens = [token_count(n, self.tokenizer) for n in names]  # as CoOp (a "!" inside a name has token id 0)
+        self.check_room(names, name_lens)
+        self.classnames, self.name_lens = names, name_lens
+        tokenized = self.tokenize([f"{self.prompt_prefix} {n}." for n in names])  # (n_cls, L)
+        device = self.ctx.device
+        with torch.no_grad():
+            embedding = self.embed_tokens(tokenized).to(device)  # (n_cls, L, d)
+        # Buffers as in CoOp; replaced (not loaded) whenever the class set changes.
+        self.register_buffer("token_prefix", embedding[:, :1, :].clone())  # SOS
+        # what follows the n_ctx learnable positions: [rest of the prefix] CLS . EOS pad
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:, :].clone())
+        self.register_buffer("tokenized_prompts", tokenized.to(device), persistent=False)  # (n_cls, L)
+
+    def check_room(self, names: list[str], name_lens: list[int]) -> None:
+        """Refuse a class set whose prompts do not fit the text encoder, naming the keys to change."""
+        raise NotImplementedError
+
+
+class PromptLearner(ClassNamePrompts):
     """Learnable context vectors rendered around class names.
 
     Args:
@@ -43,17 +108,9 @@ class PromptLearner(nn.Module):
     def __init__(self, classnames: list[str], clip_model: nn.Module, n_ctx: int = 16,
                  ctx_init: str = "", csc: bool = False, class_token_position: str = "end",
                  config_node: str = "") -> None:
-        super().__init__()
+        super().__init__(clip_model, config_node)
         if class_token_position not in POSITIONS:
             raise ConfigError(f"CLASS_TOKEN_POSITION must be one of {POSITIONS}, got {class_token_position!r}")
-        self.config_node = config_node
-        self.dtype = clip_model.dtype
-        self.context_length = int(clip_model.positional_embedding.shape[0])
-        # The model's own tokenizer (open_clip models carry theirs; OpenAI's otherwise).
-        self.tokenizer: Tokenizer = text_tokenizer(clip_model)
-        # Not registered as a submodule: CLIP's vocabulary stays out of this module's
-        # state_dict and off its device; it is only needed to render class names.
-        object.__setattr__(self, "_token_embedding", clip_model.token_embedding)
         ctx_dim = clip_model.ln_final.weight.shape[0]
         ctx_init = ctx_init.replace("_", " ").strip()
         if ctx_init and csc:
@@ -78,53 +135,24 @@ class PromptLearner(nn.Module):
         self.class_token_position = class_token_position
         self.set_classnames(classnames)
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids -> CLIP token embeddings in the prompt's dtype, on the embedding's device."""
-        weight = self._token_embedding.weight
-        return self._token_embedding(tokens.to(weight.device)).type(self.dtype)
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(n, context_length) token ids of ``texts`` with the model's tokenizer."""
-        return tokenize(texts, self.context_length, self.tokenizer)
-
-    @property
-    def n_cls(self) -> int:
-        return len(self.classnames)
-
     def set_classnames(self, classnames: list[str]) -> None:
         """Re-render the prompt for another class set (the context is kept)."""
-        if len(classnames) == 0:
-            raise ValueError("The class list is empty; a prompt needs at least one class name")
-        if self.csc and self.ctx.shape[0] != len(classnames):
+        if self.csc and classnames and self.ctx.shape[0] != len(classnames):
             raise ConfigError(
                 f"Class-specific context was learnt for {self.ctx.shape[0]} classes and cannot be "
                 f"applied to {len(classnames)} other classes; use CSC False to transfer prompts"
             )
-        names = [clean_classname(n) for n in classnames]
-        device = self.ctx.device
-        self.classnames = names
-        self.name_lens = [token_count(n, self.tokenizer) for n in names]  # as CoOp (a "!" inside a name has token id 0)
-        self._check_length(names)
-        prompts = [f"{self.prompt_prefix} {n}." for n in names]
-        tokenized = self.tokenize(prompts)  # (n_cls, L)
-        with torch.no_grad():
-            embedding = self.embed_tokens(tokenized).to(device)  # (n_cls, L, d)
-        tokenized = tokenized.to(device)
-        # Buffers as in CoOp; replaced (not loaded) whenever the class set changes.
-        self.register_buffer("token_prefix", embedding[:, :1, :].clone())  # SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:, :].clone())  # CLS . EOS pad
-        self.register_buffer("tokenized_prompts", tokenized, persistent=False)  # (n_cls, L)
+        super().set_classnames(classnames)
 
-    def _check_length(self, names: list[str]) -> None:
-        """Refuse a context that leaves no room for a class name, naming the keys to change."""
-        longest = max(range(len(names)), key=self.name_lens.__getitem__)
-        need = 1 + self.n_ctx + self.name_lens[longest] + 2  # SOS, context, name, ".", EOT
+    def check_room(self, names: list[str], name_lens: list[int]) -> None:
+        longest = max(range(len(names)), key=name_lens.__getitem__)
+        need = 1 + self.n_ctx + name_lens[longest] + 2  # SOS, context, name, ".", EOT
         if need > self.context_length:
             key = f"{self.config_node}." if self.config_node else ""
             raise ConfigError(
                 f"{key}N_CTX {self.n_ctx} is too long for the text encoder's {self.context_length} tokens: the "
                 f"prompt of class {names[longest]!r} needs {need} (start, {self.n_ctx} context tokens, "
-                f"{self.name_lens[longest]} for the name, '.', end); lower {key}N_CTX or shorten {key}CTX_INIT"
+                f"{name_lens[longest]} for the name, '.', end); lower {key}N_CTX or shorten {key}CTX_INIT"
             )
 
     def forward(self, position: str | None = None, ctx: torch.Tensor | None = None,
