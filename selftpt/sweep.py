@@ -296,8 +296,11 @@ class Sweep:
 
     @property
     def method_name(self) -> str:
-        """Display name for the tables: ``TPT+CoOp`` when started from CoOp's prompts."""
-        return f"{self.trainer}+{self.prompts_from.split('/')[0]}" if self.prompts_from else ""
+        """Display name for the tables of runs started from another method's prompts: the
+        trainer's ``PROMPTED_NAME`` (``MaPLe+TPT``), else ``TPT+CoOp`` for TPT from CoOp's."""
+        if not self.prompts_from:
+            return ""
+        return planned_trainer(self.trainer).PROMPTED_NAME or f"{self.trainer}+{self.prompts_from.split('/')[0]}"
 
     def folder(self, *parts: str, dataset: str, shots: int, seed: int, cfg: str, trainer: str = "") -> Path:
         """``OUT/<protocol>/<parts>/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>`` (``unseeded`` below 0)."""

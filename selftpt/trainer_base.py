@@ -58,6 +58,9 @@ class ClipTrainer(TrainerX):
     DETERMINISTIC = False  # the same result for every seed: sweeps run it once, unseeded
     PER_IMAGE = False  # tunes on each test image: timed at batch 1, its test set can be sharded
     TABLE_ORDER = 1000  # rank of its rows in tables; rows named by TRAINER.METHOD_NAME follow their trainer's
+    # Table name of its sweep runs that start from another method's prompts (PROMPTS_FROM), as the
+    # paper names that row; "" = "<Trainer>+<source trainer>" (TPT from CoOp's prompts: TPT+CoOp).
+    PROMPTED_NAME = ""
     # Display name -> (config stem under configs/trainers/<Trainer>/, extra KEY VALUE options):
     # the paper settings the efficiency benchmark times and the GPU check runs, one per row
     # either tool reports (a variant such as Self-TPT-v is its own entry). Empty: neither runs it.

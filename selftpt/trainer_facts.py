@@ -3,7 +3,7 @@ tabulate them without naming any trainer.
 
 Each trainer declares its facts once, as class attributes with defaults on
 ``selftpt.trainer_base.ClipTrainer``: ``TRAINS``, ``DETERMINISTIC``, ``PER_IMAGE``,
-``TABLE_ORDER`` and ``REFERENCE_CONFIGS``. Registration is done by the command lines
+``TABLE_ORDER``, ``PROMPTED_NAME`` and ``REFERENCE_CONFIGS``. Registration is done by the command lines
 (``import trainers`` in ``train.py``, ``parse_results.py``, ...); the library never imports
 ``trainers/`` itself, so in a process that registered nothing every reader here sees no trainer
 and its caller falls back (tables sort unknown names alphabetically after known ones).

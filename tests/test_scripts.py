@@ -50,6 +50,16 @@ def test_tpt_plus_coop_starts_each_test_from_the_matching_coop_run(tmp_path):
         sweep(trainer="CoOp", prompts_from="CoOp/bench")
 
 
+@pytest.mark.parametrize("trainer, name", [("MaPLeTPT", "MaPLe+TPT"), ("PromptAlign", "PromptAlign"),
+                                           ("PromptSRCTPT", "PromptSRC+TPT")])
+def test_runs_from_another_methods_prompts_are_named_as_the_papers_row(trainer, name):
+    source = "PromptSRC" if trainer == "PromptSRCTPT" else "MaPLe"
+    (base, _), = sweep(trainer=trainer, prompts_from=f"{source}/bench").chains()
+    assert base.opts[-4:] == ["TRAINER.METHOD_NAME", name, "SEED", "1"]
+    (base, _), = sweep(trainer=trainer).chains()  # from no trained prompts: not the paper's row
+    assert "TRAINER.METHOD_NAME" not in base.opts
+
+
 def test_cross_dataset_trains_once_per_seed_then_tests_every_target():
     source, targets = default_datasets("xd", "")
     chains = sweep("xd", datasets=targets, source=source, seeds=[1, 2]).chains()

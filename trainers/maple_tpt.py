@@ -43,6 +43,7 @@ class MaPLeTPT(MaPLeModelMixin, TPT):
 
     CFG_NODE = "MAPLE_TPT"
     TABLE_ORDER = 52
+    PROMPTED_NAME = "MaPLe+TPT"  # the paper's row (parse_results.py --reference matches it)
     REFERENCE_CONFIGS = {"MaPLe+TPT": ("vit_b16_c2_ep5_batch4_2ctx_cross_datasets", ())}
     AUTO_CUDA_PRECISION = "fp16"  # the original runs its fp16 CLIP under autocast
 

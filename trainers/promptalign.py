@@ -56,6 +56,7 @@ class PromptAlign(MaPLeTPT):
 
     CFG_NODE = "PROMPTALIGN"
     TABLE_ORDER = 54
+    PROMPTED_NAME = "PromptAlign"  # the paper's row (parse_results.py --reference matches it)
     REFERENCE_CONFIGS = {"PromptAlign": ("dg_vit_b16_c2_ep5_batch4_2ctx_cross_datasets", ())}
 
     def build_model(self) -> None:

@@ -38,6 +38,7 @@ class PromptSRCTPT(TPT):
 
     CFG_NODE = "PROMPTSRC_TPT"  # TPT's settings; the prompt architecture comes from TRAINER.PROMPTSRC
     TABLE_ORDER = 57
+    PROMPTED_NAME = "PromptSRC+TPT"  # the paper's row (parse_results.py --reference matches it)
     REFERENCE_CONFIGS = {"PromptSRC+TPT": ("vit_b16", ())}
 
     def check_cfg(self, cfg: Any) -> None:

@@ -5,6 +5,4 @@
 METHOD_DIR=mapletpt TRAINER=MaPLeTPT PAPER_CFG=vit_b16_c2_ep5_batch4_2ctx_cross_datasets BENCH_CFG=bench
 # shellcheck source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-# Rows named MaPLe+TPT (the sweep would call a PROMPTS_FROM run MaPLeTPT+MaPLe), so that
-# parse_results.py --reference matches the published MaPLe+TPT numbers; a later TRAINER.METHOD_NAME wins.
-case "${1:-}" in -h|--help) run_protocol "$@" ;; *) run_protocol TRAINER.METHOD_NAME "MaPLe+TPT" "$@" ;; esac
+run_protocol "$@"

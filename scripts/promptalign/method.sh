@@ -8,6 +8,4 @@
 METHOD_DIR=promptalign TRAINER=PromptAlign PAPER_CFG=paper BENCH_CFG=bench
 # shellcheck source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-# Rows named PromptAlign (the sweep would call a PROMPTS_FROM run PromptAlign+MaPLe), so that
-# parse_results.py --reference matches the published PromptAlign numbers; a later TRAINER.METHOD_NAME wins.
-case "${1:-}" in -h|--help) run_protocol "$@" ;; *) run_protocol TRAINER.METHOD_NAME "PromptAlign" "$@" ;; esac
+run_protocol "$@"
