@@ -41,10 +41,10 @@ Environment (defaults in brackets; relative paths are relative to your current d
             e.g. PROMPTS_FROM=CoOp/bench bash scripts/tpt/base2new.sh = TPT+CoOp (run CoOp first)
   JOBS      runs at once, round-robin over CUDA_VISIBLE_DEVICES when GPUs exist
             [0 = auto: one per GPU, else one per CPU core]
-  SHARDS    split every evaluation still to do (all runs of TPT, TPT+CoOp; the new-class and
-            target runs of the others) into this many shards of its test set, run side by side
-            (workers, or SLURM array tasks) and merged into the run's results.json, equal to an
-            unsharded run's [1]
+  SHARDS    split every evaluation still to do (a training run's too: it trains first, then its
+            shards resume after the last epoch) into this many shards of its test set, run side
+            by side (workers, or SLURM array tasks) and merged into the run's results.json,
+            equal to an unsharded run's [1]
   CHANGED   what to do with finished runs made with other settings (other KEY VALUE options, an
             edited config): rerun = run again in a new folder next to each (seed1-2; tables count
             the newest), replace = move each aside (.seed1.replaced-<time>, out of the tables)

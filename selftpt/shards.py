@@ -10,6 +10,15 @@ and merges them itself; by hand::
     python train.py ... --output-dir RUN/shards/1of4 TEST.SHARD 1/4     # ... up to 4/4
     python -m selftpt.shards RUN                                          # RUN/results.json
 
+A training run's own evaluation is sharded the same way once its training has finished: train
+with ``TEST.NO_TEST True`` in RUN, then give each shard ``--resume RUN``; it resumes after the
+last epoch (models, RNG states and what training recorded, e.g. Self-TPT's gradient cosines) and
+evaluates its slice, so the merged ``results.json`` is the one the unbroken run writes. A shard
+refuses to start on unfinished training (it would train a model of its own)::
+
+    python train.py ... --output-dir RUN TEST.NO_TEST True
+    python train.py ... --output-dir RUN/shards/1of4 --resume RUN TEST.SHARD 1/4   # ... up to 4/4
+
 A shard is a contiguous slice of the test split cut at batch boundaries, so every image is
 computed in the same batch as in an unsharded run, with the same views (``views.item_seed``):
 its logits are bit-identical, and so are the merged accuracy, macro-F1 and ECE (on the same kind
@@ -226,6 +235,7 @@ def merge_shards(run_dir: str | os.PathLike) -> dict[str, Any]:
     cfg.defrost()
     cfg.TEST.SHARD = ""
     cfg.OUTPUT_DIR = str(run_dir)
+    cfg.RESUME = ""  # a training run's shards resumed its finished training from run_dir itself
     cfg.freeze()
     logits = torch.cat([p["logits"] for p in shards])
     labels = torch.cat([p["labels"] for p in shards])

@@ -1057,24 +1057,52 @@ INTERRUPTED_CODES = (EXIT_INTERRUPTED, 128 + signal.SIGTERM)
 
 
 def sharded(step: Step) -> bool:
-    """An evaluation still to do: with ``--shards`` it runs in shards (a training run's own
-    evaluation stays in it)."""
-    return step.run.eval_only and step.action in ("run", "torn", "replace")
+    """A run whose evaluation is still to do: with ``--shards`` its test set runs in shards."""
+    return step.action in ("run", "torn", "replace")
 
 
 def run_sharded(sweep: Sweep, plan: list[list[Step]], launch: Callable[..., int], dry_run: bool) -> int:
-    """``--shards N``: first the runs that are not sharded (training runs; finished and changed
-    ones are reported), then the N shards of every evaluation still to do, as chains of their own
-    (one per chain and shard index, so a chain's shards run side by side: local workers or SLURM
-    array tasks), then the merge of each evaluation's shards into its ``results.json``."""
-    first = [chain for chain in ([step for step in chain if not sharded(step)] for chain in plan) if chain]
-    codes = [launch(sweep, first)] if first else []
+    """``--shards N``: every evaluation still to do runs as N shards of its test set, each shard
+    index of a chain a chain of its own (local workers or SLURM array tasks side by side), then
+    the shards are merged into the run's ``results.json``. In three rounds, each waiting for the
+    one before: the training runs train (``TEST.NO_TEST``; finished and changed runs are
+    reported); their own evaluations run in shards that resume after the last epoch; then the
+    evaluation-only runs, whose models now have their ``results.json``, run in shards."""
+    trainings = [[_without_test(step) if sharded(step) else step for step in chain
+                  if not (sharded(step) and step.run.eval_only)] for chain in plan]
+    codes = [launch(sweep, [chain for chain in trainings if chain])] if any(trainings) else []
+    failed = held = 0
+    for eval_only in (False, True):
+        if codes and codes[-1] in INTERRUPTED_CODES:
+            return codes[-1]
+        code, round_failed, round_held = _shard_round(sweep, plan, eval_only, launch, dry_run)
+        codes += [code] if code is not None else []
+        failed, held = failed + round_failed, held + round_held
     if codes and codes[-1] in INTERRUPTED_CODES:
         return codes[-1]
+    if failed or EXIT_FAILED in codes:
+        return EXIT_FAILED
+    return EXIT_CHANGED if EXIT_CHANGED in codes else EXIT_HELD if held or EXIT_HELD in codes else 0
+
+
+def _without_test(step: Step) -> Step:
+    """Training run ``step`` without its evaluation (``TEST.NO_TEST``): its shards do it."""
+    return dataclasses.replace(step, run=dataclasses.replace(step.run, opts=[*step.run.opts, "TEST.NO_TEST", "True"]))
+
+
+def _shard_round(sweep: Sweep, plan: list[list[Step]], eval_only: bool, launch: Callable[..., int],
+                 dry_run: bool) -> tuple[int | None, int, int]:
+    """Shard and merge the evaluations of the training runs (``eval_only`` False: their training
+    has run, so a torn or replaced run was already set aside) or of the evaluation-only runs;
+    (the launch's exit code or None when nothing ran, runs failed, runs held by others)."""
     evaluations: list[tuple[int, Step]] = []  # (chain index, evaluation to shard)
     failed = held = 0
     for number, chain in enumerate(plan):
-        for step in filter(sharded, chain):
+        for step in chain:
+            if not sharded(step) or step.run.eval_only != eval_only:
+                continue
+            if not eval_only:
+                step = dataclasses.replace(step, action="run")
             if not dry_run and step.model_dir is not None and not (step.model_dir / RESULTS_FILENAME).is_file():
                 print(f"not started (its model run {step.model_dir.relative_to(sweep.output)} has not finished): "
                       f"{step.folder.relative_to(sweep.output)}", file=sys.stderr, flush=True)
@@ -1088,10 +1116,9 @@ def run_sharded(sweep: Sweep, plan: list[list[Step]], launch: Callable[..., int]
         per_chain.setdefault(number, []).append(shard_steps(sweep, step))
     # one chain per (chain, shard index): its evaluations' shards of that index, in order
     shard_chains = [list(same_index) for shard_lists in per_chain.values() for same_index in zip(*shard_lists)]
-    if shard_chains:
-        codes.append(launch(sweep, shard_chains))
-        if codes[-1] in INTERRUPTED_CODES:
-            return codes[-1]
+    code = launch(sweep, shard_chains) if shard_chains else None
+    if code in INTERRUPTED_CODES:
+        return code, failed, held
     for _, step in evaluations:
         where = step.folder.relative_to(sweep.output)
         if dry_run:
@@ -1101,19 +1128,18 @@ def run_sharded(sweep: Sweep, plan: list[list[Step]], launch: Callable[..., int]
         print(f"merged {sweep.shards} shards: {where}" if ok else f"merge FAILED: {where}: {text}",
               file=sys.stdout if ok else sys.stderr, flush=True)
         failed += not ok
-    if failed or EXIT_FAILED in codes:
-        return EXIT_FAILED
-    return EXIT_CHANGED if EXIT_CHANGED in codes else EXIT_HELD if held or EXIT_HELD in codes else 0
+    return code, failed, held
 
 
 def shard_steps(sweep: Sweep, step: Step) -> list[Step]:
-    """The ``sweep.shards`` shard runs of evaluation ``step`` (``<run>/shards/<i>of<n>``); a
-    finished shard is skipped."""
+    """The ``sweep.shards`` shard runs of the evaluation of ``step`` (``<run>/shards/<i>of<n>``;
+    a training run's resume its training); a finished shard is skipped."""
     steps = []
     for index in range(1, sweep.shards + 1):
         shard = Shard(index, sweep.shards)
         folder = shard_folder(step.folder, shard)
-        run = dataclasses.replace(step.run, output_dir=folder, opts=[*step.run.opts, "TEST.SHARD", str(shard)])
+        resume = [] if step.run.eval_only else ["RESUME", str(step.folder)]  # after its training's last epoch
+        run = dataclasses.replace(step.run, output_dir=folder, opts=[*step.run.opts, *resume, "TEST.SHARD", str(shard)])
         steps.append(Step(run, folder, "skip" if finished_shard(folder) else "run", step.model_dir))
     return steps
 
@@ -1202,10 +1228,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "chain, as a job array; settings from SUBMIT_* variables, see selftpt/slurm.py) [local]")
     p.add_argument("--dry-run", action="store_true", help="print what would run (or be submitted), run nothing")
     p.add_argument("--shards", type=_positive, default=1,
-                   help="split each evaluation still to do (eval-only runs: every run of TPT, TPT+CoOp; the "
-                        "new-class and target runs of the others) into this many shards of its test set, run "
-                        "side by side (workers or SLURM array tasks) and merged into one results.json, equal to "
-                        "an unsharded run's (selftpt/shards.py) [1]")
+                   help="split each evaluation still to do (a training run's too: it trains first, then its "
+                        "shards resume after the last epoch) into this many shards of its test set, run side by "
+                        "side (workers or SLURM array tasks) and merged into one results.json, equal to an "
+                        "unsharded run's (selftpt/shards.py) [1]")
     p.add_argument("--jobs", type=int, default=0,
                    help="worker processes; 0 = one per GPU, else one per CPU core [0]")
     change = p.add_mutually_exclusive_group()

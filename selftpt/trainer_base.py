@@ -6,6 +6,7 @@ for test-time methods, ``prepare_for_test`` / ``model_inference``.
 """
 from __future__ import annotations
 
+import copy
 import os
 import os.path as osp
 import time
@@ -330,9 +331,12 @@ class ClipTrainer(TrainerX):
     def training_state(self) -> dict:
         """What a resumed run needs besides the registered models, optimisers, schedulers and
         RNG states (saved in every checkpoint by ``save_model``): the best val result so far
-        (``TEST.FINAL_MODEL best_val``) and the GradScaler's loss scale in fp16/amp.
+        (``TEST.FINAL_MODEL best_val``), the GradScaler's loss scale in fp16/amp, and what
+        training recorded for ``results.json`` (``result_extra``: a run resumed after its last
+        epoch, e.g. a shard of its test, records what the unbroken run records).
         Trainers with more state extend the dict (``super().training_state()``)."""
-        state: dict[str, Any] = {"best_result": float(self.best_result)}
+        state: dict[str, Any] = {"best_result": float(self.best_result),
+                                 "result_extra": copy.deepcopy(self.result_extra)}
         scaler = getattr(self, "scaler", None)
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
@@ -342,6 +346,7 @@ class ClipTrainer(TrainerX):
         """Restore ``training_state`` (keys it lacks keep their fresh values)."""
         if "best_result" in state:
             self.best_result = state["best_result"]
+        self.result_extra.update(copy.deepcopy(state.get("result_extra", {})))
         scaler = getattr(self, "scaler", None)
         if scaler is not None and state.get("grad_scaler"):  # {} = saved by a disabled scaler
             scaler.load_state_dict(state["grad_scaler"])
@@ -353,6 +358,14 @@ class ClipTrainer(TrainerX):
             start_epoch = super().resume_model_if_exist(directory)
         except IncompleteCheckpointError as exc:
             raise CheckpointError(str(exc)) from None
+        if self.cfg.TEST.SHARD and self.cfg.TEST.FINAL_MODEL == "best_val":  # loaded from the shard's folder
+            raise ShardError(f"TEST.SHARD {self.cfg.TEST.SHARD} with TEST.FINAL_MODEL best_val: shard the "
+                             "evaluation of the best model instead (--eval-only --model-dir RUN --load-epoch E)")
+        if self.cfg.TEST.SHARD and start_epoch < self.max_epoch:  # each shard would train a model of its own
+            raise ShardError(f"TEST.SHARD {self.cfg.TEST.SHARD} evaluates a trained model, but {directory} holds "
+                             f"{start_epoch} of {self.max_epoch} epochs: train it first (the same command "
+                             "without TEST.SHARD, with TEST.NO_TEST True), then run each shard with --resume "
+                             "pointing at that folder")
         self._resumed_from = {"directory": osp.abspath(directory), "epoch": start_epoch} if start_epoch else None
         self._trained_in_run = True
         return start_epoch

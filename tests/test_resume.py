@@ -137,7 +137,7 @@ def test_training_state_round_trips(trainer, tmp_path, tiny_data_root, tiny_clip
         torch.randperm(10, generator=source.cpt_generator)
         source.grad_scale.scale, source.grad_scale.backoffs = 64.0, 4
         source.epoch_grad_cos = [0.5]
-        source.result_extra["grad_cos_per_epoch"] = [0.1, 0.2]
+    source.result_extra["recorded_in_training"] = [0.1, 0.2]  # e.g. Self-TPT's grad_cos_per_epoch
     state = source.training_state()
 
     with pytest.warns(UserWarning):

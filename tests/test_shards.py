@@ -10,9 +10,9 @@ import torch
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.config import validate_cfg
 from selftpt.errors import ConfigError, UserError
-from selftpt.launch import build_parser, run
+from selftpt.launch import build_parser, main, run
 from selftpt.shards import PREDICTIONS_FILENAME, Shard, ShardError, merge_shards, shard_folder
-from tests.helpers import project_cfg
+from tests.helpers import project_cfg, tiny_opts
 
 
 # --------------------------------------------------------------------------- slices
@@ -85,6 +85,53 @@ def test_tpt_shard_logits_equal_the_unsharded_runs_image_by_image(tiny_data_root
     start, stop = second["items"]
     assert (start, stop) == (12, 24)
     assert torch.equal(second["logits"], whole["logits"][start:stop])
+
+
+# Self-TPT-v: trained, then every test image classified from its 4 views after stage-2 adaptation
+SELFTPT_V = ["TRAINER.SELFTPT.N_VIEWS", "4", "TRAINER.SELFTPT.TTA_STEPS", "2", "DATALOADER.TEST.BATCH_SIZE", "5"]
+
+
+def _train_py(*args):
+    return main([str(a) for a in args])
+
+
+def test_a_training_runs_own_evaluation_sharded_after_training_is_the_unbroken_run(tiny_data_root, tiny_clip_path,
+                                                                                  tmp_path):
+    opts = ["--seed", "1", *tiny_opts(tiny_data_root, tiny_clip_path, "SelfTPT"), *SELFTPT_V]
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert _train_py("--output-dir", whole, *opts) == 0
+    assert _train_py("--output-dir", sharded, *opts, "TEST.NO_TEST", "True") == 0
+    assert not (sharded / "results.json").exists()
+    for i in range(1, 4):
+        assert _train_py("--output-dir", shard_folder(sharded, Shard(i, 3)), "--resume", sharded, *opts,
+                         "TEST.SHARD", f"{i}/3") == 0
+    merged = merge_shards(sharded)
+    unbroken = json.loads((whole / "results.json").read_text())
+    assert merged["metrics"] == unbroken["metrics"] and merged["num_images"] == 24
+    assert merged["config_digest"] == unbroken["config_digest"] and merged["config"]["RESUME"] == ""
+    # what training recorded comes back with the resumed model
+    assert len(merged["extra"]["grad_cos_per_epoch"]) == 2
+    assert merged["extra"]["grad_cos_per_epoch"] == unbroken["extra"]["grad_cos_per_epoch"]
+    assert merged["model"]["source"] == "trained" and merged["model"]["resumed_from"]["directory"] == str(sharded)
+
+
+def test_a_shard_of_a_training_run_refuses_unfinished_training_and_best_val(tiny_data_root, tiny_clip_path,
+                                                                              tmp_path, capsys):
+    opts = ["--seed", "1", *tiny_opts(tiny_data_root, tiny_clip_path, "CoOp")]
+    started = tmp_path / "started"
+    assert _train_py("--output-dir", started, *opts, "OPTIM.MAX_EPOCH", "1", "TEST.NO_TEST", "True") == 0
+    shard = shard_folder(started, Shard(1, 2))
+    assert _train_py("--output-dir", shard, "--resume", started, *opts, "TEST.SHARD", "1/2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: TEST.SHARD 1/2 evaluates a trained model, but {started} holds 1 of 2 epochs: train it "
+                   "first (the same command without TEST.SHARD, with TEST.NO_TEST True), then run each shard "
+                   "with --resume pointing at that folder")
+    assert _train_py("--output-dir", tmp_path / "fresh", *opts, "TEST.SHARD", "1/2") == 2  # nothing to resume
+    assert "holds 0 of 2 epochs" in capsys.readouterr().err
+    assert _train_py("--output-dir", shard, "--resume", started, *opts, "OPTIM.MAX_EPOCH", "1",
+                     "TEST.FINAL_MODEL", "best_val", "TEST.SHARD", "1/2") == 2
+    assert "with TEST.FINAL_MODEL best_val: shard the evaluation of the best model" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("predictions.pt")) and not list(tmp_path.rglob("results.json"))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +216,7 @@ def bench_data(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
-def _sweep(tmp_path, data, out, **settings):
+def _sweep(tmp_path, data, out, command=TPT_SWEEP, **settings):
     import subprocess
 
     from tests.test_scripts import REPO, script_env
@@ -177,14 +224,14 @@ def _sweep(tmp_path, data, out, **settings):
     # order of float sums, so runs with other thread counts agree only to rounding)
     env = script_env(tmp_path, DATASETS="shapeworld", SEEDS="1", SHOTS="1", TABLE="0", JOBS="1", **settings)
     env.update(SELFTPT_DATA=str(data), OUTPUT=str(tmp_path / out))
-    done = subprocess.run(TPT_SWEEP, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
-def _metrics(root):
-    return {part: json.loads((root / TPT_RUN.format(part=part) / "results.json").read_text())["metrics"]
-            for part in ("test_base", "test_new")}
+def _metrics(root, run=TPT_RUN, parts=("test_base", "test_new")):
+    return {part: json.loads((root / run.format(part=part) / "results.json").read_text())["metrics"]
+            for part in parts}
 
 
 def test_a_sharded_sweep_merges_into_the_unsharded_results_and_resumes_from_its_shards(tmp_path, bench_data):
@@ -206,3 +253,22 @@ def test_a_sharded_sweep_merges_into_the_unsharded_results_and_resumes_from_its_
     assert two.count("set aside") == 3 and two.count("] ran: ") == 2 and two.count("merged 2 shards") == 1
     assert len(list((new_run / "shards").glob(".*of3.stale-*"))) == 3
     assert _metrics(tmp_path / "sharded") == _metrics(tmp_path / "whole")
+
+
+SELFTPT_V_SWEEP = ["bash", "scripts/selftpt/base2new.sh", "OPTIM.MAX_EPOCH", "1", "TRAINER.SELFTPT.N_VIEWS", "2",
+                   "TRAINER.SELFTPT.TTA_STEPS", "1", "TEST.SPLIT", "val"]
+SELFTPT_V_RUN = "base2new/{part}/shapeworld/shots_1/SelfTPT/bench_v/seed1"
+
+
+def test_a_sharded_sweep_shards_the_training_runs_own_evaluation_too(tmp_path, bench_data):
+    """Self-TPT-v on base-to-new: the training run's base-class evaluation and the new-class run
+    are both sharded, and both equal the unsharded sweep's."""
+    _sweep(tmp_path, bench_data, "whole", SELFTPT_V_SWEEP, CFG="bench_v")
+    first = _sweep(tmp_path, bench_data, "sharded", SELFTPT_V_SWEEP, CFG="bench_v", SHARDS="2")
+    assert first.count("merged 2 shards") == 2 and first.count("] ran: ") == 5  # training + 2 x 2 shards
+    train_base = tmp_path / "sharded" / SELFTPT_V_RUN.format(part="train_base")
+    assert sorted(p.name for p in (train_base / "shards").iterdir()) == ["1of2", "2of2"]
+    parts = ("train_base", "test_new")
+    assert _metrics(tmp_path / "sharded", SELFTPT_V_RUN, parts) == _metrics(tmp_path / "whole", SELFTPT_V_RUN, parts)
+    again = _sweep(tmp_path, bench_data, "sharded", SELFTPT_V_SWEEP, CFG="bench_v", SHARDS="2")
+    assert again.count("skipped (finished)") == 2 and "merged" not in again and "ran" not in again

@@ -145,8 +145,8 @@ class SelfTPT(PromptedClipTrainer):
     def training_state(self) -> dict:
         """Stage-1 state outside the registered models, so that a resumed run is the same run:
         the EMA of the CE gradient that GM matches, the CPT class sampler's generator, the
-        gradient loss scale, and the gradient cosines measured so far (``grad_cos_per_epoch``
-        of the results file covers every epoch, not only the resumed ones)."""
+        gradient loss scale, and the gradient cosines of the current epoch (those of finished
+        epochs are in ``result_extra``, saved by the base class)."""
         state = super().training_state()
         ema = self.grad_ema.value
         state["selftpt"] = {
@@ -154,7 +154,6 @@ class SelfTPT(PromptedClipTrainer):
             "cpt_generator": self.cpt_generator.get_state(),
             "grad_scale": {"scale": self.grad_scale.scale, "backoffs": self.grad_scale.backoffs},
             "epoch_grad_cos": list(self.epoch_grad_cos),
-            "grad_cos_per_epoch": list(self.result_extra["grad_cos_per_epoch"]),
         }
         return state
 
@@ -169,7 +168,6 @@ class SelfTPT(PromptedClipTrainer):
         self.grad_scale.scale = own["grad_scale"]["scale"]
         self.grad_scale.backoffs = own["grad_scale"]["backoffs"]
         self.epoch_grad_cos = list(own["epoch_grad_cos"])
-        self.result_extra["grad_cos_per_epoch"] = list(own["grad_cos_per_epoch"])
 
     # ------------------------------------------------------------------------ stage 2, 3
     def cpt_pass(self, chunks: list[torch.Tensor], ctx: torch.Tensor,
