@@ -19,13 +19,18 @@ forward hooks around CLIP's own modules, so no CLIP forward is copied:
   prompts change the image features through attention alone. Layers not named keep what the
   previous layer computed at the prompt positions. OpenAI's blocks take (L, N, D), open_clip's
   (N, L, D) unless its transformer is not ``batch_first``; the hooks read the layout off the tower.
+- image, EVA-CLIP (open_clip's ``TimmModel`` around timm's ``Eva``, class-token pooling): its
+  blocks apply rotary position embeddings to every token after the prefix (class and register)
+  tokens, sized for the patch grid. The prompts go right after the prefix tokens instead of
+  after the patches, and while installed every attention counts them as prefix tokens, so the
+  patches keep their rotary positions and the prompts get none, as prompts get no position in
+  the other towers. Attention is order-free apart from positions, so this is the same
+  computation as appending them; deeper layers replace those positions.
 - refused (``vision_refusal``): ResNets (OpenAI's and open_clip's ``ModifiedResNet``: a
   convolutional trunk with one attention-pooling layer has no transformer layers to prompt, and
-  the papers prompt ViT layers only); open_clip ViTs with an attentional pooler (it attends to
-  every token, prompts included) or pooling other than the class token ('avg' would average the
-  prompts in, 'none' returns them); timm towers (``TimmModel``: EVA-CLIP), whose EVA blocks apply
-  rotary position embeddings sized for the class token and the patch grid, so appended tokens
-  would need the attention rewritten rather than hooked.
+  the papers prompt ViT layers only); ViTs with an attentional pooler (it attends to every token,
+  prompts included) or pooling other than the class token ('avg' would average the prompts in,
+  'none' returns them); timm towers other than EVA (e.g. SigLIP's, with attention pooling).
 
 With no prompts installed nothing is hooked: outputs are bit-identical to plain CLIP.
 
@@ -42,7 +47,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -119,6 +124,7 @@ class DeepPromptHandle:
         self.prompts = prompts
         self.source = source  # the module the tokens are computed from, if any
         self.hooks: list[RemovableHandle] = []
+        self.undo: list[Callable[[], None]] = []  # what installing changed besides hooks, restored by remove()
 
     @property
     def encoder(self) -> nn.Module | None:
@@ -127,7 +133,9 @@ class DeepPromptHandle:
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        self.hooks = []
+        for restore in self.undo:
+            restore()
+        self.hooks, self.undo = [], []
         encoder = self.encoder
         if encoder is not None and _INSTALLED.get(encoder) is self:
             del _INSTALLED[encoder]
@@ -146,8 +154,9 @@ class DeepPromptHandle:
 
 
 # What the deep-prompt trainers run on, for the one-line refusals.
-SUPPORTED_VISION = ("OpenAI CLIP's ViTs (ViT-B/16 ...) and open_clip's VisionTransformer with class-token pooling "
-                    "and no attentional pooler (e.g. open_clip:ViT-B-16/laion2b_s34b_b88k)")
+SUPPORTED_VISION = ("OpenAI CLIP's ViTs (ViT-B/16 ...), open_clip's VisionTransformer with class-token pooling "
+                    "and no attentional pooler (e.g. open_clip:ViT-B-16/laion2b_s34b_b88k) and EVA-CLIP's timm EVA "
+                    "towers with class-token pooling (e.g. open_clip:EVA02-B-16/merged2b_s8b_b131k)")
 
 
 def _open_clip_vit_class() -> type | None:
@@ -170,7 +179,7 @@ def vision_refusal(visual: nn.Module) -> str:
         if getattr(visual, "attn_pool", None) is not None:
             return "an attentional pooler (attn_pool), which attends to the prompt tokens too"
         if visual.pool_type != "tok":
-            return f"image pooling {visual.pool_type!r} (only class-token pooling 'tok' leaves the prompts out)"
+            return _pool_refusal(visual.pool_type, "tok")
         if getattr(visual, "output_tokens", False):
             return "an image tower that returns its tokens (output_tokens)"
         return ""
@@ -178,13 +187,22 @@ def vision_refusal(visual: nn.Module) -> str:
     if name == "ModifiedResNet":  # OpenAI's or open_clip's
         return "a ResNet"
     if name == "TimmModel":
-        return _timm_refusal(type(getattr(visual, "trunk", visual)).__name__)
+        trunk = getattr(visual, "trunk", visual)
+        if type(trunk).__name__ != "Eva":
+            return _timm_refusal(type(trunk).__name__)
+        return _pool_refusal(trunk.global_pool, "token")
     return f"an image tower of type {name}"
 
 
+def _pool_refusal(pool: str, class_token: str) -> str:
+    """"" for class-token pooling (named ``class_token`` by the tower), else why prompts do not fit."""
+    if pool == class_token:
+        return ""
+    return f"image pooling {pool!r} (only class-token pooling {class_token!r} leaves the prompts out)"
+
+
 def _timm_refusal(model: str) -> str:
-    return (f"a timm image tower ({model}): deep prompts hook open_clip's own ViT blocks, not timm's (EVA02's "
-            "rotary position embeddings are sized for the class and patch tokens, which appended prompts do not fit)")
+    return f"a timm image tower other than EVA ({model})"
 
 
 def _open_clip_vision_cfg(backbone: str) -> dict[str, Any] | None:
@@ -207,15 +225,15 @@ def _open_clip_vision_cfg(backbone: str) -> dict[str, Any] | None:
 def _config_refusal(vision_cfg: dict[str, Any]) -> str:
     """``vision_refusal`` from an open_clip ``vision_cfg``, before the model is built."""
     if vision_cfg.get("timm_model_name"):
-        return _timm_refusal(vision_cfg["timm_model_name"])
+        model = vision_cfg["timm_model_name"]
+        if not any(part.startswith("eva") for part in model.split("_")):  # timm's EVA family: eva02_*, eva_*
+            return _timm_refusal(model)
+        return _pool_refusal(vision_cfg.get("timm_pool", "avg"), "token")  # "avg": open_clip's TimmModel default
     if isinstance(vision_cfg.get("layers"), (tuple, list)):
         return "a ResNet"
     if vision_cfg.get("attentional_pool"):
         return "an attentional pooler (attn_pool), which attends to the prompt tokens too"
-    pool = vision_cfg.get("pool_type", "tok")
-    if pool != "tok":
-        return f"image pooling {pool!r} (only class-token pooling 'tok' leaves the prompts out)"
-    return ""
+    return _pool_refusal(vision_cfg.get("pool_type", "tok"), "tok")
 
 
 def require_vit_backbone(trainer: str, backbone: str, visual: nn.Module | None = None) -> None:
@@ -247,27 +265,67 @@ def require_vit_backbone(trainer: str, backbone: str, visual: nn.Module | None =
                           f"{why}; supported: {SUPPORTED_VISION}")
 
 
+@dataclass(frozen=True)
+class VisionTower:
+    """Where deep prompts go in one supported ViT image tower.
+
+    Args:
+        blocks: its transformer blocks, in order.
+        width: the width of its tokens.
+        batch_first: its blocks take (N, L, D); else (L, N, D).
+        entry: the module whose input is the token sequence entering block 0 (after the
+            positional embedding and patch dropout): layer 0's prompts are placed there.
+        prefix_tokens: None: the prompts follow the patch tokens; else they follow this many
+            class / register tokens (EVA: the patches keep their rotary positions).
+        attentions: the attention modules whose ``num_prefix_tokens`` must count the prompts
+            while they are installed (EVA's rotary embedding skips the prefix tokens).
+    """
+
+    blocks: Sequence[nn.Module]
+    width: int
+    batch_first: bool
+    entry: nn.Module
+    prefix_tokens: int | None = None
+    attentions: tuple[nn.Module, ...] = ()
+
+    def block_norm(self, layer: int) -> nn.Module:
+        """The first norm of block ``layer``, whose input is the block's input (``ln_1``; EVA: ``norm1``)."""
+        block = self.blocks[layer]
+        return block.ln_1 if hasattr(block, "ln_1") else block.norm1
+
+
+def vision_tower(visual: nn.Module) -> VisionTower:
+    """The ``VisionTower`` of a supported image tower (``vision_refusal`` says which are)."""
+    if type(visual).__name__ == "TimmModel":  # EVA-CLIP: open_clip's wrapper around timm's Eva
+        trunk = visual.trunk
+        return VisionTower(list(trunk.blocks), int(trunk.embed_dim), True, trunk.norm_pre,
+                           prefix_tokens=int(trunk.num_prefix_tokens),
+                           attentions=tuple(block.attn for block in trunk.blocks))
+    # OpenAI's and open_clip's VisionTransformer; open_clip's without ln_pre has an Identity there
+    return VisionTower(list(visual.transformer.resblocks), int(visual.class_embedding.shape[-1]),
+                       bool(getattr(visual.transformer, "batch_first", False)), visual.ln_pre)
+
+
 def vision_width(visual: nn.Module) -> int:
-    """Width of the image tower's tokens, which vision prompts are concatenated with (OpenAI's
-    and open_clip's ViTs both have a class embedding of that width)."""
-    return int(visual.class_embedding.shape[-1])
+    """Width of the image tower's tokens, which vision prompts are concatenated with."""
+    return vision_tower(visual).width
 
 
-def _blocks_batch_first(visual: nn.Module) -> bool:
-    """Whether the ViT's blocks take (N, L, D): open_clip's by default; OpenAI's take (L, N, D)."""
-    return bool(getattr(visual.transformer, "batch_first", False))
+def vision_depth(visual: nn.Module) -> int:
+    """Transformer blocks of the image tower."""
+    return len(vision_tower(visual).blocks)
 
 
 def layer_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A tensor entering one of ``visual``'s blocks as (L, N, D), whatever the tower's layout."""
-    return x.transpose(0, 1) if _blocks_batch_first(visual) else x
+    return x.transpose(0, 1) if vision_tower(visual).batch_first else x
 
 
 def prompt_site(encoder: nn.Module) -> str:
     """``text`` or ``image``: where deep prompts go in ``encoder``; anything else is refused."""
     if isinstance(encoder, TextEncoder):
         return TEXT
-    if isinstance(encoder, VisionTransformer) or is_open_clip_vit(encoder):
+    if isinstance(encoder, VisionTransformer) or is_open_clip_vit(encoder) or type(encoder).__name__ == "TimmModel":
         why = vision_refusal(encoder)
         if why:
             raise ValueError(f"Deep vision prompts do not fit an image tower with {why}; supported: {SUPPORTED_VISION}")
@@ -275,8 +333,8 @@ def prompt_site(encoder: nn.Module) -> str:
     if type(encoder).__name__ == "ModifiedResNet" or isinstance(encoder, ModifiedResNet):
         raise ValueError("Deep vision prompts need a ViT image encoder: a ResNet CLIP has no transformer "
                          "layers to prompt (MaPLe, PromptSRC and PromptAlign prompt ViT layers only)")
-    raise TypeError(f"Deep prompts go into a selftpt TextEncoder or a CLIP VisionTransformer (OpenAI's or "
-                    f"open_clip's), not a {type(encoder).__name__}")
+    raise TypeError(f"Deep prompts go into a selftpt TextEncoder or a CLIP ViT image tower (OpenAI's, open_clip's "
+                    f"or EVA-CLIP's), not a {type(encoder).__name__}")
 
 
 def deep_prompts(encoder: nn.Module, prompts: DeepPrompts, source: nn.Module | None = None) -> DeepPromptHandle:
@@ -295,7 +353,7 @@ def deep_prompts(encoder: nn.Module, prompts: DeepPrompts, source: nn.Module | N
     site = prompt_site(encoder)
     if encoder in _INSTALLED:
         raise RuntimeError(f"This {type(encoder).__name__} already has deep prompts installed; remove them first")
-    blocks = encoder.transformer.resblocks
+    blocks = encoder.transformer.resblocks if site == TEXT else vision_tower(encoder).blocks
     beyond = [i for i in prompts.layers if i >= len(blocks)]
     if beyond:
         raise ValueError(f"Deep prompts for layer(s) {beyond} of a {len(blocks)}-layer {site} transformer")
@@ -335,31 +393,43 @@ def _hook_text(handle: DeepPromptHandle, encoder: TextEncoder) -> None:
 def _hook_image(handle: DeepPromptHandle, encoder: nn.Module) -> None:
     layers = handle.prompts.layers
     if 0 not in layers:
-        raise ValueError("Deep vision prompts need layer 0's tokens: they are appended to the patch "
-                         "tokens there, and deeper layers replace them")
+        raise ValueError("Deep vision prompts need layer 0's tokens: they join the patch tokens there, and "
+                         "deeper layers replace them")
     n = handle.prompts.n_tokens
-    batch_first = _blocks_batch_first(encoder)
+    tower = vision_tower(encoder)
 
-    def append(module: nn.Module, args: tuple) -> tuple[torch.Tensor]:
+    def place(x: torch.Tensor, tokens: torch.Tensor, replace: bool) -> torch.Tensor:
+        """Put ``tokens`` (n, N, D) into ``x`` (N, L, D): inserted at layer 0, over the prompt
+        positions at deeper layers; after the prefix tokens (EVA) or after the patches."""
+        tokens = tokens.transpose(0, 1)
+        if tower.prefix_tokens is None:
+            return torch.cat([x[:, :x.shape[1] - n] if replace else x, tokens], dim=1)
+        start = tower.prefix_tokens
+        return torch.cat([x[:, :start], tokens, x[:, start + n if replace else start:]], dim=1)
+
+    def append(module: nn.Module, args: tuple) -> tuple:
         handle.note_use()
-        (x,) = args  # (N, L, D) batch-first in both towers, positional embedding already added
-        return (torch.cat([x, _sequence_first(layers[0], x.shape[0], x).transpose(0, 1)], dim=1),)
+        x = args[0]  # (N, L, D) in every tower here, positional embedding already added
+        return (place(x, _sequence_first(layers[0], x.shape[0], x), replace=False), *args[1:])
 
     def replace(layer: int, module: nn.Module, args: tuple) -> tuple:
-        # (L, N, D), or (N, L, D) in a batch-first tower, prompts last; open_clip's checkpointed
-        # blocks get more positional arguments (k_x, v_x, attn_mask), passed on as they are
+        # (L, N, D), or (N, L, D) in a batch-first tower; open_clip's checkpointed blocks get more
+        # positional arguments (k_x, v_x, attn_mask), passed on as they are (EVA's come as keywords)
         x = args[0]
-        if batch_first:
-            tokens = _sequence_first(layers[layer], x.shape[0], x).transpose(0, 1)
-            return (torch.cat([x[:, :x.shape[1] - n], tokens], dim=1), *args[1:])
+        if tower.batch_first:
+            return (place(x, _sequence_first(layers[layer], x.shape[0], x), replace=True), *args[1:])
         tokens = _sequence_first(layers[layer], x.shape[1], x)
-        return (torch.cat([x[:x.shape[0] - n], tokens], dim=0), *args[1:])
+        return (place(x.transpose(0, 1), tokens, replace=True).transpose(0, 1), *args[1:])
 
-    handle.hooks.append(encoder.ln_pre.register_forward_pre_hook(append))
+    handle.hooks.append(tower.entry.register_forward_pre_hook(append))
     for layer in layers:
         if layer > 0:
-            handle.hooks.append(encoder.transformer.resblocks[layer].register_forward_pre_hook(
+            handle.hooks.append(tower.blocks[layer].register_forward_pre_hook(
                 lambda module, args, layer=layer: replace(layer, module, args)))
+    for attention in tower.attentions:  # EVA: the prompts are prefix tokens, out of the rotary embedding
+        attention.num_prefix_tokens += n
+        handle.undo.append(lambda attention=attention: setattr(attention, "num_prefix_tokens",
+                                                               attention.num_prefix_tokens - n))
 
 
 def installed_deep_prompts(module: nn.Module) -> list[tuple[str, DeepPromptHandle]]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selftpt.clip_loader import token_count
-from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts, vision_width
+from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts, vision_depth, vision_width
 from selftpt.errors import ConfigError
 from selftpt.prompt_learner import ClassNamePrompts
 from selftpt.text_encoder import TextEncoder
@@ -37,7 +37,7 @@ CHECKPOINT_NAME = "MultiModalPromptLearner"
 
 def transformer_depth(clip_model: nn.Module) -> int:
     """Layers both towers have (MaPLe prompts the same layers in each)."""
-    return min(len(clip_model.transformer.resblocks), len(clip_model.visual.transformer.resblocks))
+    return min(len(clip_model.transformer.resblocks), vision_depth(clip_model.visual))
 
 
 def effective_depth(prompt_depth: int, clip_model: nn.Module, node: str) -> int:

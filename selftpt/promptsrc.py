@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selftpt.clip_loader import Tokenizer, tokenize
-from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts, vision_width
+from selftpt.deep_prompts import DeepPrompts, PromptedImageEncoder, deep_prompts, vision_depth, vision_width
 from selftpt.errors import ConfigError
 from selftpt.prompt_learner import PromptLearner
 from selftpt.templates import IMAGENET_TEMPLATES
@@ -115,7 +115,7 @@ class IVLPPrompts(nn.Module):
                  config_node: str = "TRAINER.PROMPTSRC") -> None:
         super().__init__()
         self.depth_text = min(depth_text, len(clip_model.transformer.resblocks))
-        self.depth_vision = min(depth_vision, len(clip_model.visual.transformer.resblocks))
+        self.depth_vision = min(depth_vision, vision_depth(clip_model.visual))
         self.prompt_learner = PromptLearner(classnames, clip_model, n_ctx=n_ctx_text, ctx_init=ctx_init,
                                             config_node=config_node)
         if self.prompt_learner.n_ctx != n_ctx_text:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selftpt.deep_prompts import layer_tokens
+from selftpt.deep_prompts import layer_tokens, vision_tower
 from selftpt.errors import UserError
 from selftpt.fsmode import atomic_write
 
@@ -38,17 +38,17 @@ class SourceStatsError(UserError):
 def recording_tokens(visual: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the (L, N, D) tokens entering each of ``layers`` of CLIP's ViT during the block.
 
-    The hook sits on the block's ``ln_1`` (the block computes ``x + attn(ln_1(x))``), so it
-    sees the tokens after deep prompts placed by the block's own pre-hooks; gradients flow.
-    open_clip's batch-first blocks see (N, L, D), recorded transposed, so statistics have one layout.
+    The hook sits on the block's first norm (the block computes ``x + attn(ln_1(x))``; EVA's
+    ``norm1``), so it sees the tokens after deep prompts placed by the block's own pre-hooks;
+    gradients flow. Batch-first blocks see (N, L, D), recorded transposed, so statistics have one layout.
     """
     recorded: dict[int, torch.Tensor] = {}
     handles = []
-    blocks = visual.transformer.resblocks
+    tower = vision_tower(visual)
     for layer in layers:
         def hook(module: nn.Module, args: tuple, layer: int = layer) -> None:
             recorded[layer] = layer_tokens(visual, args[0])
-        handles.append(blocks[layer].ln_1.register_forward_pre_hook(hook))
+        handles.append(tower.block_norm(layer).register_forward_pre_hook(hook))
     try:
         yield recorded
     finally:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 
+import trainers  # noqa: E402,F401  (registers the trainers)
 from selftpt.clip_loader import load_clip, text_tokenizer, tokenize  # noqa: E402
 from selftpt.deep_prompts import DeepPrompts, deep_prompts  # noqa: E402
 from selftpt.errors import ConfigError, UserError  # noqa: E402
@@ -24,7 +25,7 @@ from selftpt.prompt_learner import PromptLearner  # noqa: E402
 from selftpt.prompted_clip import PromptedCLIP  # noqa: E402
 from selftpt.text_encoder import encode_text_tokens  # noqa: E402
 from selftpt.toolbox import build_trainer, set_random_seed  # noqa: E402
-from tests.helpers import TINY_CLASSES, tiny_cfg  # noqa: E402
+from tests.helpers import TINY_CLASSES, project_trainers, tiny_cfg  # noqa: E402
 
 EVA_TIMM = "selftpt_test_eva02_clip_tiny"
 TEXT = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
@@ -49,7 +50,7 @@ CONFIGS = {
 }
 NAMES = [f"{c} {s}" for c, s in TINY_CLASSES]
 PROMPTS = ["a photo of a red square.", "x", "a b c d e f g h i j k l", "itap of a purple circle!"]
-TRAINERS = ["ZeroshotCLIP", "ZeroshotCLIP2", "CoOp", "CoCoOp", "TPT", "SelfTPT"]
+TRAINERS = project_trainers()  # every trainer, the deep-prompt ones included (EVA: prompts as prefix tokens)
 
 
 def _register_tiny_eva() -> None:

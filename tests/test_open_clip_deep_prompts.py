@@ -2,9 +2,10 @@
 ``VisionTransformer`` takes vision prompts exactly as a forward written out here says (appended
 after the positional embedding, replaced before prompted layers, batch-first or not, with
 open_clip's gradient checkpointing), the text prompts hook the same sequence-first points,
-MaPLe / PromptSRC and their test-time variants run on a tiny random open_clip ViT built offline,
-and towers the seams do not fit (EVA's timm tower, an attentional pooler, average pooling, a
-ResNet) are refused in one line."""
+EVA-CLIP's timm tower takes them as prefix tokens, equal to appended prompts without rotary
+position, MaPLe / PromptSRC and their test-time variants run on a tiny random open_clip ViT built
+offline, and towers the seams do not fit (a timm tower other than EVA, an attentional pooler,
+average pooling, a ResNet) are refused in one line."""
 from __future__ import annotations
 
 import json
@@ -50,6 +51,12 @@ DEEP_CONFIGS = {
                                           "attn_pooler_heads": 2}},
     "Test-Deep-Avg": {"embed_dim": 32, "text_cfg": DEEP_TEXT, "vision_cfg": {**DEEP_VIT, "pool_type": "avg"}},
     "Test-Tiny-EVA": CONFIGS["Test-Tiny-EVA"],
+    "Test-Tiny-EVA-Avg": {**CONFIGS["Test-Tiny-EVA"],
+                          "vision_cfg": {**CONFIGS["Test-Tiny-EVA"]["vision_cfg"], "timm_pool": "avg"}},
+    # a timm tower that is not EVA (as SigLIP's): 12 layers of 192 at 32 px
+    "Test-Tiny-TimmViT": {"embed_dim": 32, "custom_text": True, "text_cfg": TEXT,
+                          "vision_cfg": {"image_size": 32, "timm_model_name": "vit_tiny_patch16_224",
+                                         "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": "linear"}},
 }
 N_TOKENS = 1 + (32 // 16) ** 2
 NAMES = [f"{c} {s}" for c, s in TINY_CLASSES]
@@ -179,6 +186,49 @@ def test_patch_dropout_drops_patches_never_prompts(deep_weights, images):
         visual(images)
     assert seen[0].shape == (1 + 2 + 2, 2, 96)
     assert torch.allclose(seen[0][-2:], visual.ln_pre(prompts[0]).detach().unsqueeze(1).expand(-1, 2, -1), atol=1e-6)
+
+
+def reference_eva_tokens(trunk, images: torch.Tensor, prompts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """timm's EVA with MaPLe's layout: prompts appended after the patches with no rotary position
+    (rows of the rotary embedding that rotate by 0: sin 0, cos 1), the last n positions replaced
+    before layers i >= 1; the (N, L, D) tokens after the final norm."""
+    x, rope = trunk._pos_embed(trunk.patch_embed(images))
+    n, batch = prompts[0].shape[0], images.shape[0]
+    sin, cos = rope.tensor_split(2, dim=-1)
+    rope = torch.cat([torch.cat([sin, sin.new_zeros(n, sin.shape[-1])]),
+                      torch.cat([cos, cos.new_ones(n, cos.shape[-1])])], dim=-1)
+    x = trunk.norm_pre(torch.cat([x, prompts[0].expand(batch, -1, -1)], dim=1))
+    for i, block in enumerate(trunk.blocks):
+        if i > 0 and i in prompts:
+            x = torch.cat([x[:, :-n], prompts[i].expand(batch, -1, -1)], dim=1)
+        x = block(x, rope=rope)
+    return trunk.norm(x)
+
+
+def test_eva_prompts_are_prefix_tokens_equal_to_appended_prompts_without_rotary_position(deep_weights, images):
+    model = load_clip(name(deep_weights, "Test-Tiny-EVA"))
+    trunk, n = model.visual.trunk, 2
+    prompts = tokens_of(64, 0, 1, n=n)
+    with torch.no_grad():
+        plain = model.model.encode_image(images)
+        want = reference_eva_tokens(trunk, images, prompts)
+    with recording_tokens(model.visual, [0, 1]) as seen, deep_prompts(model.visual, DeepPrompts(prompts)):
+        assert [block.attn.num_prefix_tokens for block in trunk.blocks] == [1 + n] * 2
+        got = trunk.forward_features(images)
+        features = model.visual(images)
+    # class token, prompts, patches here; class token, patches, prompts in the reference
+    assert torch.allclose(got[:, 0], want[:, 0], atol=1e-5)
+    assert torch.allclose(got[:, 1 + n:], want[:, 1:-n], atol=1e-5)
+    assert torch.allclose(got[:, 1:1 + n], want[:, -n:], atol=1e-5)
+    assert torch.equal(seen[1][1:1 + n], prompts[1].detach().unsqueeze(1).expand(-1, 2, -1))  # (L, N, D)
+    assert not torch.allclose(features, plain, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(features.square().sum(), [prompts[0], prompts[1]]))
+    # removed: the attention counts its own prefix tokens again, and the tower is open_clip's
+    assert [block.attn.num_prefix_tokens for block in trunk.blocks] == [1, 1]
+    with torch.no_grad():
+        assert torch.equal(model.visual(images), plain)
+        with deep_prompts(model.visual, DeepPrompts({})):
+            assert torch.equal(model.visual(images), plain)
 
 
 def test_per_image_prompts_and_the_feature_cache_rule(deep_weights, images):
@@ -317,7 +367,8 @@ def test_test_time_variants_tune_prompts_per_image(deep_weights, tiny_data_root,
 
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("arch, words", [
-    ("Test-Tiny-EVA", "a timm image tower"),
+    ("Test-Tiny-TimmViT", "a timm image tower other than EVA"),
+    ("Test-Tiny-EVA-Avg", "image pooling 'avg'"),
     ("Test-Deep-AttnPool", "an attentional pooler"),
     ("Test-Deep-Avg", "image pooling 'avg'"),
 ])
@@ -330,12 +381,14 @@ def test_unsupported_towers_are_refused_in_one_line(deep_weights, arch, words):
         require_vit_backbone("PromptSRC", name(deep_weights, arch), model.visual)
     assert words in one_line(exc) and SUPPORTED in str(exc.value)
     with pytest.raises((ValueError, TypeError)):
-        deep_prompts(model.visual, DeepPrompts(tokens_of(96, 0)))
+        deep_prompts(model.visual, DeepPrompts(tokens_of(64, 0)))
 
 
 def test_published_names_are_told_apart_without_weights():
-    require_vit_backbone("MaPLe", "open_clip:ViT-B-16/laion2b_s34b_b88k")  # supported: no error
-    for backbone, words in [("open_clip:EVA02-B-16/merged2b_s8b_b131k", "timm image tower (eva02_base"),
+    for supported in ("open_clip:ViT-B-16/laion2b_s34b_b88k", "open_clip:EVA02-B-16/merged2b_s8b_b131k",
+                      "open_clip:EVA01-g-14/laion400m_s11b_b41k"):
+        require_vit_backbone("MaPLe", supported)  # no error
+    for backbone, words in [("open_clip:ViT-SO400M-14-SigLIP/webli", "timm image tower other than EVA (vit_so400m"),
                             ("open_clip:RN50/openai", "is a ResNet CLIP")]:
         with pytest.raises(ConfigError) as exc:
             require_vit_backbone("MaPLe", backbone)
@@ -343,10 +396,11 @@ def test_published_names_are_told_apart_without_weights():
 
 
 @pytest.mark.parametrize("trainer_name", ["MaPLe", "PromptSRC"])
-def test_train_py_refuses_an_eva_tower_in_one_line_before_loading_it(deep_weights, tiny_data_root, tmp_path,
-                                                                      capsys, monkeypatch, trainer_name):
-    opts = tiny_opts(tiny_data_root, Path(name(deep_weights, "Test-Tiny-EVA")), trainer_name)
+def test_train_py_refuses_an_unsupported_timm_tower_in_one_line_before_loading_it(deep_weights, tiny_data_root,
+                                                                                   tmp_path, capsys, monkeypatch,
+                                                                                   trainer_name):
+    opts = tiny_opts(tiny_data_root, Path(name(deep_weights, "Test-Tiny-TimmViT")), trainer_name)
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("loaded the backbone first"))
     assert main(["--output-dir", str(tmp_path / "out"), *opts]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a timm image tower" in err[0] and SUPPORTED in err[0], err
+    assert len(err) == 1 and "a timm image tower other than EVA" in err[0] and SUPPORTED in err[0], err

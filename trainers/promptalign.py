@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from selftpt.deep_prompts import vision_depth
 from selftpt.errors import ConfigError
 from selftpt.losses import marginal_entropy, select_confident
 from selftpt.maple_prompts import CHECKPOINT_NAME
@@ -62,7 +63,7 @@ class PromptAlign(MaPLeTPT):
     def build_model(self) -> None:
         super().build_model()
         node = self.node
-        layers = len(self.model.visual.transformer.resblocks)
+        layers = vision_depth(self.model.visual)
         wanted = list(range(node.ALIGN_LAYER_FROM, node.ALIGN_LAYER_TO - 1))
         self.align_layers = [layer for layer in wanted if layer < layers]
         if node.ALIGN and not self.align_layers:
