@@ -233,3 +233,106 @@ def test_item_seeds_differ_across_run_seeds_and_indices():
     seeds = {tv.item_seed(s, i) for s in range(1, 4) for i in range(2000)}
     assert len(seeds) == 6000 and max(seeds) < 2 ** 63
     assert tv.item_seed(1, 5) == tv.item_seed(1, 5)
+
+
+def test_item_seeds_are_the_sha256_of_seed_and_index_little_endian_63_bits():
+    # pinned: a changed byte order or shift would give every run other views than before
+    assert tv.item_seed(1, 0) == 9096684868786435155 and tv.item_seed(2, 7) == 1904079817086592701
+
+
+def test_the_same_image_at_two_indices_gets_two_sets_of_views_and_seed_0_is_a_fixed_seed(tmp_path):
+    from selftpt.toolbox import Datum
+    from tests.helpers import project_cfg
+
+    path = tmp_path / "same.png"
+    noise_image(40, 36).save(path)
+    cfg = project_cfg(["SEED", "0", "INPUT.SIZE", "(32, 32)"])
+    data = [Datum(impath=str(path), label=0, domain=0)] * 2
+    items = tv.ItemSeededDatasetWrapper(cfg, data, transform=tv.TestTimeViews(cfg.INPUT.SIZE, n_views=3),
+                                        is_train=False)
+    first = items[0]["img"]
+    assert torch.equal(first, items[0]["img"])  # SEED 0 seeds the items as any other fixed seed
+    assert not torch.equal(first[1:], items[1]["img"][1:])  # each index has views of its own
+
+
+def test_default_views_are_tpts_64_without_augmix_and_one_view_is_the_clean_image():
+    image = noise_image(40, 36)
+    views = tv.TestTimeViews((32, 32))
+    assert views.n_views == 64 and not views.augmix and views(image).shape == (64, 3, 32, 32)
+    one = tv.TestTimeViews((32, 32), n_views=1)(image)
+    assert one.shape == (1, 3, 32, 32) and torch.equal(one[0], views.clean_view(image))
+    with pytest.raises(ValueError, match=r"^n_views must be >= 1, got 0$"):
+        tv.TestTimeViews((32, 32), n_views=0)
+
+
+def test_the_clean_view_uses_the_configs_interpolation():
+    image = noise_image(50, 37)
+    cfg = SimpleNamespace(INPUT=SimpleNamespace(SIZE=(32, 32), PIXEL_MEAN=MEAN, PIXEL_STD=STD,
+                                                INTERPOLATION="bilinear"), DATASET=SimpleNamespace(NAME="X"))
+    bilinear = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(32), PREPROCESS])
+    assert torch.equal(tv.TestTimeViews.from_cfg(cfg, 1, "off")(image)[0], bilinear(image))
+    assert not torch.equal(views_cfg()(image)[0], bilinear(image))  # bicubic there
+
+
+def test_repr_names_the_views_and_the_augmix_severity():
+    assert "n_views=6" in repr(views_cfg()) and "augmix=severity 1," in repr(views_cfg())
+    assert "augmix=off," in repr(views_cfg("ImageNet"))
+
+
+# --------------------------------------------------------------------------- AugMix details
+def test_geometric_ops_are_pils_bilinear_rotate_shear_and_translate():
+    image = noise_image(32, 32)
+    bilinear = Image.Resampling.BILINEAR
+
+    def affine(*coefficients):
+        return image.transform(image.size, Image.Transform.AFFINE, coefficients, resample=bilinear)
+
+    expected = {("rotate", 2): image.rotate(2, resample=bilinear),
+                ("shear_x", 0.03): affine(1, 0.03, 0, 0, 1, 0), ("shear_y", -0.03): affine(1, 0, 0, -0.03, 1, 0),
+                ("translate_x", 1): affine(1, 0, 1, 0, 1, 0), ("translate_y", -1): affine(1, 0, 0, 0, 1, -1)}
+    for (name, parameter), want in expected.items():
+        got = am.apply_op(image, am.OpCall(name, parameter))
+        assert np.array_equal(np.asarray(got), np.asarray(want)), name
+        assert not np.array_equal(np.asarray(got), np.asarray(image)), name
+    with pytest.raises(ValueError, match=r"^Unknown AugMix operation 'blur'; expected one of \('autocontrast'"):
+        am.apply_op(image, am.OpCall("blur", None))
+
+
+def test_op_parameters_at_the_top_level_of_severity_10(monkeypatch):
+    """At level 9.99 every operation's parameter is the reference formula's largest value."""
+    monkeypatch.setattr(am, "sample_level", lambda severity: 9.99)
+    size = (30, 60)
+    top = {name: am.sample_op(name, 10, size).parameter for name in ("posterize", "solarize")}
+    assert top == {"posterize": 1, "solarize": 1}  # 4 - int(3.996), 256 - int(255.74)
+    magnitudes = {name: abs(am.sample_op(name, 10, size).parameter)
+                  for name in ("rotate", "translate_x", "translate_y")}
+    assert magnitudes == {"rotate": 29, "translate_x": 9, "translate_y": 19}  # int(9.99 * 30/10), size / 3
+
+
+def test_levels_follow_the_severity_with_float64_resolution_and_signs_are_fair():
+    torch.manual_seed(0)
+    levels = [am.sample_level(10) for _ in range(400)]
+    assert min(levels) >= am.MIN_LEVEL and max(levels) > 9 and max(levels) < 10
+    draws = [am._uniform() for _ in range(400)]
+    assert 0 <= min(draws) and max(draws) < 1
+    assert any(d != float(np.float32(d)) for d in draws)  # not float32 draws
+    negative = sum(am._random_sign(1) < 0 for _ in range(4000))
+    assert 1800 < negative < 2200
+
+
+def test_default_blends_are_tpts_severity_1_width_3_random_depth_alpha_1():
+    crop = noise_image(32, 32)
+    torch.manual_seed(5)
+    default = am.augmix(crop, PREPROCESS)
+    torch.manual_seed(5)
+    assert torch.equal(default, am.apply_augmix(crop, am.sample_augmix(crop.size, 1.0, 3, None, 1.0), PREPROCESS))
+    torch.manual_seed(5)
+    explicit = am.augmix(crop, PREPROCESS, depth=2, alpha=0.5)
+    torch.manual_seed(5)
+    assert torch.equal(explicit, am.apply_augmix(crop, am.sample_augmix(crop.size, 1.0, 3, 2, 0.5), PREPROCESS))
+    assert all(len(chain) == 2 for chain in am.sample_augmix(crop.size, depth=2).chains)
+    torch.manual_seed(0)  # default severity 1: rotations of at most 2 degrees, whatever the draw
+    rotations = [abs(op.parameter) for _ in range(300) for chain in am.sample_augmix((224, 224)).chains
+                 for op in chain if op.name == "rotate"]
+    rotations += [abs(op.parameter) for _ in range(300) for op in am.sample_chain((224, 224)) if op.name == "rotate"]
+    assert len(rotations) > 50 and max(rotations) == 2
