@@ -171,6 +171,11 @@ def is_open_clip_vit(visual: nn.Module) -> bool:
     return vit is not None and isinstance(visual, vit)
 
 
+def is_timm_tower(visual: nn.Module) -> bool:
+    """True for open_clip's ``TimmModel`` (EVA-CLIP's towers; supported or not: see ``vision_refusal``)."""
+    return type(visual).__name__ == "TimmModel"
+
+
 def vision_refusal(visual: nn.Module) -> str:
     """"" when deep vision prompts fit ``visual``, else what it has that they do not fit (a phrase)."""
     if isinstance(visual, VisionTransformer):
@@ -186,7 +191,7 @@ def vision_refusal(visual: nn.Module) -> str:
     name = type(visual).__name__
     if name == "ModifiedResNet":  # OpenAI's or open_clip's
         return "a ResNet"
-    if name == "TimmModel":
+    if is_timm_tower(visual):
         trunk = getattr(visual, "trunk", visual)
         if type(trunk).__name__ != "Eva":
             return _timm_refusal(type(trunk).__name__)
@@ -296,7 +301,7 @@ class VisionTower:
 
 def vision_tower(visual: nn.Module) -> VisionTower:
     """The ``VisionTower`` of a supported image tower (``vision_refusal`` says which are)."""
-    if type(visual).__name__ == "TimmModel":  # EVA-CLIP: open_clip's wrapper around timm's Eva
+    if is_timm_tower(visual):  # EVA-CLIP: open_clip's wrapper around timm's Eva
         trunk = visual.trunk
         return VisionTower(list(trunk.blocks), int(trunk.embed_dim), True, trunk.norm_pre,
                            prefix_tokens=int(trunk.num_prefix_tokens),
@@ -325,7 +330,7 @@ def prompt_site(encoder: nn.Module) -> str:
     """``text`` or ``image``: where deep prompts go in ``encoder``; anything else is refused."""
     if isinstance(encoder, TextEncoder):
         return TEXT
-    if isinstance(encoder, VisionTransformer) or is_open_clip_vit(encoder) or type(encoder).__name__ == "TimmModel":
+    if isinstance(encoder, VisionTransformer) or is_open_clip_vit(encoder) or is_timm_tower(encoder):
         why = vision_refusal(encoder)
         if why:
             raise ValueError(f"Deep vision prompts do not fit an image tower with {why}; supported: {SUPPORTED_VISION}")
