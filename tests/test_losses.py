@@ -162,10 +162,46 @@ def test_two_classes_make_one_chunk():
     assert sorted(chunk.tolist()) == [0, 1]
 
 
-@pytest.mark.parametrize("n_cls, size", [(3, 2), (5, 2), (7, 2), (9, 4)])
-def test_class_chunks_partition_every_class_once_with_no_lone_class(n_cls, size):
+@pytest.mark.parametrize("n_cls, size, sizes", [
+    (3, 2, [3]), (5, 2, [2, 3]), (7, 2, [2, 2, 3]), (9, 4, [4, 5]),  # a lone last class joins the chunk before
+    (6, 4, [4, 2]), (8, 3, [3, 3, 2]),                                 # a last chunk of two stays as it is
+])
+def test_class_chunks_partition_every_class_once_with_no_lone_class(n_cls, size, sizes):
     from selftpt.cpt import class_chunks
 
     chunks = class_chunks(n_cls, size, torch.Generator().manual_seed(1))
     assert sorted(torch.cat(chunks).tolist()) == list(range(n_cls))
-    assert all(2 <= len(c) <= size + 1 for c in chunks)
+    assert [len(c) for c in chunks] == sizes
+
+
+def test_cpt_class_sampling_adds_distinct_other_classes_up_to_the_maximum():
+    from selftpt.cpt import sample_classes
+
+    batch = torch.tensor([2, 0, 1, 0])  # three classes in the image batch
+    for seed in range(10):
+        generator = torch.Generator().manual_seed(seed)
+        one_more = sample_classes(batch, 10, 4, generator)  # room for exactly one extra class
+        assert len(one_more) == 4 and len(set(one_more.tolist())) == 4 and {0, 1, 2} < set(one_more.tolist())
+        assert sample_classes(batch, 5, 5, generator).tolist() == [0, 1, 2, 3, 4]  # the others, never a repeat
+
+
+def test_gradient_ema_decay_default_and_range():
+    assert GradientEMA().decay == 0.9  # the documented TRAINER.SELFTPT.GM_EMA default
+    latest = GradientEMA(decay=0.0)  # allowed: no memory, the latest gradient
+    latest.update(torch.tensor([1.0, 0.0]))
+    assert torch.equal(latest.update(torch.tensor([0.0, 2.0])), torch.tensor([0.0, 2.0]))
+    for decay in (1.0, 1.5, -0.1):  # 1 would never move from the first gradient
+        with pytest.raises(ValueError, match=rf"^GM_EMA decay must be in \[0, 1\), got {decay}$"):
+            GradientEMA(decay=decay)
+
+
+def test_cpt_heads_have_the_documented_layers():
+    from selftpt.cpt import build_head
+
+    mlp = build_head("mlp", 4)
+    assert [type(m) for m in mlp] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert type(build_head("linear", 4)) is torch.nn.Linear and build_head("linear", 4).weight.shape == (4, 4)
+    assert type(build_head("none", 4)) is torch.nn.Identity
+    refusal = r"^TRAINER.SELFTPT.HEAD must be one of \('mlp', 'linear', 'none'\); got 'deep'$"
+    with pytest.raises(ValueError, match=refusal):
+        build_head("deep", 4)

@@ -4,13 +4,14 @@ close to fp32's."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
 
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.clip_loader import load_clip
-from selftpt.precision import GradientScale, make_grad_scaler, resolve_precision
+from selftpt.precision import AMP_DTYPE, GradientScale, autocast, make_grad_scaler, resolve_precision
 from selftpt.prompt_learner import PromptLearner
 from selftpt.toolbox import TRAINER_REGISTRY, build_trainer, set_random_seed
 from tests.helpers import tiny_cfg
@@ -35,14 +36,38 @@ def test_prompt_context_is_an_fp32_master_copy_rendered_in_clips_dtype(tiny_clip
 
 
 def test_explicit_fp16_and_amp_are_honoured_on_cpu_auto_is_fp32():
-    with pytest.warns(UserWarning, match="honoured"):
-        assert resolve_precision("fp16", "cpu") == "fp16"
-    with pytest.warns(UserWarning, match="honoured"):
-        assert resolve_precision("amp", "cpu") == "amp"
-    assert resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision("auto", "cuda", auto_cuda="amp") == "amp"
+    for precision in ("fp16", "amp"):
+        with pytest.warns(UserWarning) as caught:
+            assert resolve_precision(precision, "cpu") == precision
+        assert str(caught[0].message) == (f"PREC {precision} on cpu: honoured, but slow off a GPU "
+                                          "(PREC auto runs fp32 here)")
+        assert caught[0].filename == __file__  # names the caller's line, not precision.py's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        assert resolve_precision("auto", "cpu") == "fp32"
+        assert resolve_precision("fp32", "cpu") == "fp32"
+        assert resolve_precision("fp16", "cuda") == "fp16"
+        assert resolve_precision("auto", "cuda") == "fp16"  # CoOp's default on a GPU
+        assert resolve_precision("auto", "cuda", auto_cuda="amp") == "amp"
+    with pytest.raises(ValueError, match=r"^Unknown precision 'bf16'; use one of fp16, fp32, amp, auto$"):
+        resolve_precision("bf16", "cpu")
     assert make_grad_scaler(torch.device("cpu"), "fp32") is None
     assert make_grad_scaler(torch.device("cpu"), "fp16").get_scale() == 2.0 ** 16
+
+
+def test_autocast_and_the_loss_scaler_follow_the_precision():
+    cpu = torch.device("cpu")
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(cpu, "amp"):
+        assert (a @ b).dtype == AMP_DTYPE == torch.float16
+    for precision in ("fp32", "fp16"):  # fp16 casts the model itself; autocast stays off
+        with autocast(cpu, precision):
+            assert (a @ b).dtype == torch.float32
+    assert make_grad_scaler(cpu, "fp32") is None
+    for precision in ("fp16", "amp"):
+        scaler = make_grad_scaler(cpu, precision, init_scale=1000.0)
+        assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 1000.0
+    assert make_grad_scaler(cpu, "amp").get_scale() == 2.0 ** 16  # torch's default
 
 
 def test_gradient_scale_rescues_gradients_that_underflow_in_fp16():

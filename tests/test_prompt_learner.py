@@ -106,6 +106,32 @@ def test_cpt_needs_two_views(clip_model):
         ContrastivePromptTask(model, ["end"])
 
 
+def test_cpt_defaults_and_unknown_views(clip_model):
+    learner = PromptLearner(NAMES, clip_model, n_ctx=4)
+    model = PromptedCLIP(learner, clip_model)
+    cpt = ContrastivePromptTask(model, ["end", "handcrafted"])
+    assert [type(m) for m in cpt.head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]  # mlp
+    assert cpt.temperature == 0.07
+    tokens = learner.tokenize(["a photo of a red square."])  # the hand-crafted view's default template
+    with torch.no_grad():
+        expected = model.text_encoder(learner.embed_tokens(tokens), tokens)[0]
+    assert torch.allclose(cpt.handcrafted_features[0], expected, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"^Unknown CPT view\(s\) \['back'\]; choose from "):
+        ContrastivePromptTask(model, ["end", "back"])
+
+
+def test_cpt_checkpoint_holds_no_class_set_features(clip_model):
+    """The hand-crafted features belong to the current class names: a CPT head trained on base
+    classes loads into one built for the new classes."""
+    base = ContrastivePromptTask(PromptedCLIP(PromptLearner(NAMES, clip_model, n_ctx=4), clip_model),
+                                 ["end", "handcrafted"])
+    assert "handcrafted_features" not in base.state_dict()
+    new = ContrastivePromptTask(PromptedCLIP(PromptLearner(NAMES[:2], clip_model, n_ctx=4), clip_model),
+                                ["end", "handcrafted"])
+    new.load_state_dict(base.state_dict())
+    assert new.handcrafted_features.shape[0] == 2
+
+
 def test_class_sampling_keeps_batch_classes_and_bounds_the_rest():
     g = torch.Generator().manual_seed(0)
     picked = sample_classes(torch.tensor([7, 7, 3]), n_cls=100, max_classes=10, generator=g)
