@@ -284,3 +284,32 @@ def test_results_record_which_model_was_evaluated(tmp_path, tiny_data_root, tiny
                    *opts_for(tiny_data_root, tiny_clip_path, "TPT", "TRAINER.TPT.N_CTX", 4,
                              "TRAINER.TPT.CTX_INIT", '""')) == 0
     assert results(tpt)["model"] == loaded
+
+
+def test_checkpoint_file_is_the_asked_epoch_else_the_best_else_the_pointers(tmp_path):
+    """``--model-dir`` resolution as CoOp's ``load_model``: ``--load-epoch E`` takes
+    model.pth.tar-E, otherwise model-best.pth.tar when TEST.FINAL_MODEL best_val saved one,
+    otherwise the file named by the ``checkpoint`` pointer (the latest epoch)."""
+    from selftpt.trainer_base import CheckpointError, ClipTrainer
+
+    folder = tmp_path / "prompt_learner"
+    find = ClipTrainer._checkpoint_path
+    with pytest.raises(CheckpointError, match=re.escape(f"No checkpoint at {folder / 'model.pth.tar-2'}"
+                                                        " (the folder has no checkpoints)")):
+        find(str(tmp_path), "prompt_learner", 2)  # not even the folder
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(f"No checkpoint at {folder / 'model-best.pth.tar'} "
+                                                        "(the folder has no checkpoints); check --model-dir")):
+        find(str(tmp_path), "prompt_learner", None)
+    for name in ("model.pth.tar-1", "model.pth.tar-2"):
+        (folder / name).write_bytes(b"")
+    (folder / "checkpoint").write_text("model.pth.tar-2\n")
+    assert find(str(tmp_path), "prompt_learner", None) == str(folder / "model.pth.tar-2")
+    assert find(str(tmp_path), "prompt_learner", 1) == str(folder / "model.pth.tar-1")
+    (folder / "model-best.pth.tar").write_bytes(b"")
+    assert find(str(tmp_path), "prompt_learner", None) == str(folder / "model-best.pth.tar")
+    assert find(str(tmp_path), "prompt_learner", 2) == str(folder / "model.pth.tar-2")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"No checkpoint at {folder / 'model.pth.tar-3'} (found: checkpoint, model-best.pth.tar, "
+            "model.pth.tar-1, model.pth.tar-2); check --model-dir and --load-epoch")):
+        find(str(tmp_path), "prompt_learner", 3)
