@@ -313,3 +313,28 @@ def test_checkpoint_file_is_the_asked_epoch_else_the_best_else_the_pointers(tmp_
             f"No checkpoint at {folder / 'model.pth.tar-3'} (found: checkpoint, model-best.pth.tar, "
             "model.pth.tar-1, model.pth.tar-2); check --model-dir and --load-epoch")):
         find(str(tmp_path), "prompt_learner", 3)
+
+
+def test_training_state_keys_a_checkpoint_lacks_keep_their_fresh_values():
+    """Checkpoints written before a key existed (or by a run in another precision) still load."""
+    from types import SimpleNamespace
+
+    from selftpt.trainer_base import ClipTrainer
+
+    fresh = SimpleNamespace(best_result=-1.0, result_extra={"kept": 1})  # no GradScaler attribute at all
+    ClipTrainer.load_training_state(fresh, {"grad_scaler": {"scale": 8.0}})
+    assert fresh.best_result == -1.0 and fresh.result_extra == {"kept": 1}
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    fp16 = SimpleNamespace(best_result=-1.0, result_extra={}, scaler=scaler)
+    ClipTrainer.load_training_state(fp16, {"best_result": 0.5})  # saved without a scaler state
+    ClipTrainer.load_training_state(fp16, {"grad_scaler": {}})  # saved by a disabled scaler
+    assert fp16.best_result == 0.5 and scaler.get_scale() == 4.0
+
+
+def test_eval_only_without_a_model_dir_prints_dassls_note(capsys):
+    from types import SimpleNamespace
+
+    from selftpt.trainer_base import ClipTrainer
+
+    ClipTrainer.load_model(SimpleNamespace(), "")
+    assert capsys.readouterr().out == "Note that load_model() is skipped as no pretrained model is given\n"
