@@ -338,3 +338,31 @@ def test_eval_only_without_a_model_dir_prints_dassls_note(capsys):
 
     ClipTrainer.load_model(SimpleNamespace(), "")
     assert capsys.readouterr().out == "Note that load_model() is skipped as no pretrained model is given\n"
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_named_with_the_tensor(tmp_path, tiny_data_root, tiny_clip_path):
+    """--model-dir from another config: a tensor of another shape names both shapes, a missing
+    one names the keys; the class-name buffers of another class set are not loaded (kept)."""
+    from selftpt.toolbox import save_checkpoint
+    from selftpt.trainer_base import CheckpointError
+
+    trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "CoOp", ("OUTPUT_DIR", str(tmp_path / "run"))))
+    learner = trainer._models["prompt_learner"]
+    own = {key: value.clone() for key, value in learner.state_dict().items()}
+    ctx_shape = tuple(own["ctx"].shape)
+
+    def load(state: dict, folder: str) -> None:
+        save_checkpoint({"state_dict": state, "epoch": 1}, str(tmp_path / folder / "prompt_learner"))
+        trainer.load_model(str(tmp_path / folder), epoch=1)
+
+    other_class_set = {**own, "ctx": own["ctx"] + 1, "token_prefix": own["token_prefix"][:1] * 0 + 7}
+    load(other_class_set, "fits")
+    assert torch.equal(learner.ctx, own["ctx"] + 1) and torch.equal(learner.token_prefix, own["token_prefix"])
+    longer = (ctx_shape[0] + 2, *ctx_shape[1:])
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"holds prompt_learner.ctx of shape {longer} but the model built from this config expects "
+            f"{ctx_shape} (check N_CTX, CTX_INIT, CSC, HEAD and the backbone)")):
+        load({**own, "ctx": torch.zeros(longer)}, "longer")
+    path = tmp_path / "lacking" / "prompt_learner" / "model.pth.tar-1"
+    with pytest.raises(CheckpointError, match=re.escape(f"Checkpoint {path} lacks ['ctx'] needed by prompt_learner")):
+        load({key: value for key, value in own.items() if key != "ctx"}, "lacking")
