@@ -403,6 +403,9 @@ class ClipTrainer(TrainerX):
         if not directory:
             print("Note that load_model() is skipped as no pretrained model is given")
             return
+        if not self.get_model_names():  # e.g. zero-shot CLIP: no weights to load into
+            print(f"Note: {type(self).__name__} has no trained weights; --model-dir {directory} is not used")
+            return
         files: dict[str, str] = {}
         epochs: list[int | None] = []
         for name in self.get_model_names():
@@ -426,7 +429,7 @@ class ClipTrainer(TrainerX):
             files[name] = osp.abspath(path)
             epochs.append(checkpoint.get("epoch"))
         self._loaded_model = {"source": "checkpoint", "directory": osp.abspath(directory),
-                              "epoch": epochs[0] if epochs else None, "files": files}
+                              "epoch": epochs[0], "files": files}
 
     @staticmethod
     def _checkpoint_path(directory: str, name: str, epoch: int | None) -> str:

@@ -265,6 +265,15 @@ def test_training_free_eval_only_records_that_no_model_was_loaded(trainer, tmp_p
     assert model["source"] == "none" and "files" not in model
 
 
+def test_zero_shot_clip_given_a_model_dir_says_it_is_not_used(tmp_path, tiny_data_root, tiny_clip_path, capsys):
+    out = tmp_path / "eval"
+    assert run_cli("--output-dir", out, "--eval-only", "--model-dir", tmp_path / "some_run",
+                   *opts_for(tiny_data_root, tiny_clip_path, "ZeroshotCLIP")) == 0
+    note = f"Note: ZeroshotCLIP has no trained weights; --model-dir {tmp_path / 'some_run'} is not used"
+    assert note in capsys.readouterr().out.splitlines()
+    assert results(out)["model"]["source"] == "none"  # recorded as what it is, not as a checkpoint
+
+
 def test_results_record_which_model_was_evaluated(tmp_path, tiny_data_root, tiny_clip_path):
     trained = tmp_path / "coop"
     opts = opts_for(tiny_data_root, tiny_clip_path, "CoOp")
