@@ -399,6 +399,7 @@ class ClipTrainer(TrainerX):
         The class-name buffers are dropped (the current class set is kept), a missing file
         names the path it looked for, and a tensor of another shape names both shapes.
         ``epoch=None`` takes ``model-best.pth.tar`` if present, else the latest checkpoint.
+        A trainer without registered models (zero-shot CLIP) says the folder is not used.
         """
         if not directory:
             print("Note that load_model() is skipped as no pretrained model is given")
