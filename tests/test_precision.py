@@ -152,6 +152,8 @@ def test_every_trainer_runs_in_fp16_and_amp_close_to_fp32(method, precision, fp3
     trainer, logits, tuned = _run(method, precision, tiny_data_root, tiny_clip_path, tmp_path / "run")
     assert torch.isfinite(logits).all()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in tuned)  # fp32 master copies
+    with trainer.autocast():  # amp autocasts; fp16 casts the model itself
+        assert torch.is_autocast_enabled("cpu") == (precision == "amp")
     metrics = trainer.test_result["metrics"]
     assert abs(metrics["accuracy"] - ref_trainer.test_result["metrics"]["accuracy"]) <= 10.0
     scale = ref_logits.abs().max()
@@ -182,6 +184,8 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_loss_scale_backs_off(method
                    ("OUTPUT_DIR", str(tmp_path), "SEED", "1", f"TRAINER.{node}.PREC", "fp16", *MATRIX[method]))
     with pytest.warns(UserWarning):
         trainer = build_trainer(cfg)
+    # the trainers start below torch's 2^16 (see make_grad_scaler); TPT at its original code's 1000
+    assert trainer.scaler.get_scale() == (1000.0 if method == "TPT" else 2.0 ** 10)
     huge = 2.0 ** 100
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=huge)
     tuned = [p for name in trainer.get_model_names() for p in trainer._models[name].parameters() if p.requires_grad]
