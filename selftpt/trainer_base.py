@@ -198,17 +198,16 @@ class ClipTrainer(TrainerX):
         """Autocast to float16 when PREC is amp (on any device); a no-op context otherwise."""
         return autocast(self.device, self.precision)
 
-    def step(self, loss: torch.Tensor, names: list[str] | None = None,
-             scaler: torch.amp.GradScaler | None = None) -> None:
-        """Backward and update; through the GradScaler in fp16/amp (a step whose gradients
-        overflowed is skipped and the scale backs off)."""
+    def step(self, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Backward and update of every registered model; through the GradScaler in fp16/amp
+        (a step whose gradients overflowed is skipped and the scale backs off)."""
         if scaler is None:
-            self.model_backward_and_update(loss, names)
+            self.model_backward_and_update(loss)
             return
         self.detect_anomaly(loss)
-        self.model_zero_grad(names)
+        self.model_zero_grad()
         scaler.scale(loss).backward()
-        for name in self.get_model_names(names):
+        for name in self.get_model_names():
             scaler.step(self._optims[name])
         scaler.update()
 
