@@ -375,3 +375,21 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named_with_the_tensor(tmp_p
     path = tmp_path / "lacking" / "prompt_learner" / "model.pth.tar-1"
     with pytest.raises(CheckpointError, match=re.escape(f"Checkpoint {path} lacks ['ctx'] needed by prompt_learner")):
         load({key: value for key, value in own.items() if key != "ctx"}, "lacking")
+
+
+@pytest.mark.parametrize("trainer_name", ["CoOp", "TPT"])
+def test_init_weights_start_the_prompt_from_a_file(trainer_name, tmp_path, tiny_data_root, tiny_clip_path):
+    """MODEL.INIT_WEIGHTS (Dassl's key): the prompt learner starts from the file's tensors that
+    fit it (a Dassl checkpoint or a bare state_dict); the others are left out."""
+    from selftpt.toolbox import save_checkpoint
+
+    def build(*opts: str):
+        return build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, trainer_name,
+                                      ("OUTPUT_DIR", str(tmp_path / "run"), *opts)))
+
+    fresh = build().model.prompt_learner.ctx.detach().clone()
+    start = torch.linspace(-1, 1, fresh.numel()).reshape(fresh.shape)
+    save_checkpoint({"state_dict": {"ctx": start, "not_in_the_learner": torch.zeros(3)}, "epoch": 1},
+                    str(tmp_path / "init"))
+    learner = build("MODEL.INIT_WEIGHTS", str(tmp_path / "init" / "model.pth.tar-1")).model.prompt_learner
+    assert not torch.equal(start, fresh) and torch.equal(learner.ctx.detach(), start)
