@@ -37,9 +37,9 @@ def test_coop_trains_writes_checkpoints_and_results(coop_run):
     assert (out / "prompt_learner" / "checkpoint").read_text().strip() == "model.pth.tar-2"
     rec = results(out)
     assert rec["trainer"] == "CoOp" and rec["seed"] == 1 and rec["dataset"] == "TinyShapes"
-    assert set(rec["metrics"]) >= {"accuracy", "macro_f1", "ece"}
+    assert set(rec["metrics"]) >= {"accuracy", "macro_f1", "ece"} and rec["extra"]["split_evaluated"] == "test"
     log = (out / "log.txt").read_text()
-    assert "Finish training" in log and "* accuracy:" in log
+    assert "Finish training" in log and "Evaluate on the *test* set" in log and "* accuracy:" in log
     losses = [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if line.startswith("epoch [")]
     assert losses[-1] < losses[0]  # the prompt learns
 
