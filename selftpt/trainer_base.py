@@ -171,6 +171,11 @@ class ClipTrainer(TrainerX):
         print(f"Parameters to be updated: {sorted(names)}")
         return names
 
+    def load_init_weights(self, module: nn.Module) -> None:
+        """MODEL.INIT_WEIGHTS (Dassl's key): start ``module`` from the file's tensors that fit it."""
+        if self.cfg.MODEL.INIT_WEIGHTS:
+            load_pretrained_weights(module, self.cfg.MODEL.INIT_WEIGHTS)
+
     def setup_prompt_training(self, model: nn.Module) -> None:
         """CoOp's recipe around a model with a ``prompt_learner``: freeze everything else, load
         MODEL.INIT_WEIGHTS, move to the device, register ``prompt_learner`` with Dassl's
@@ -178,8 +183,7 @@ class ClipTrainer(TrainerX):
         cfg = self.cfg
         self.model = model
         self.freeze_except(model, ("prompt_learner",))
-        if cfg.MODEL.INIT_WEIGHTS:
-            load_pretrained_weights(model.prompt_learner, cfg.MODEL.INIT_WEIGHTS)
+        self.load_init_weights(model.prompt_learner)
         model.to(self.device)
         self.optim = build_optimizer(model.prompt_learner, cfg.OPTIM)
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)

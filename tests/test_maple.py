@@ -159,6 +159,12 @@ def test_checkpoint_has_the_original_key_names_and_round_trips(tiny_data_root, d
                                  second.model.prompt_learner.named_parameters()):
         assert torch.equal(a, b), name
     assert second.model_record()["source"] == "checkpoint"
+    # MODEL.INIT_WEIGHTS: the same file starts a new run's prompts
+    third = build_maple(tiny_data_root, deep_clip_path, tmp_path / "c", *DEPTH, "MODEL.INIT_WEIGHTS",
+                        str(tmp_path / "ckpt" / CHECKPOINT_NAME / "model.pth.tar-1"), seed=3)
+    for (name, a), (_, b) in zip(first.model.prompt_learner.named_parameters(),
+                                 third.model.prompt_learner.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_a_checkpoint_written_by_the_original_code_loads(tiny_data_root, deep_clip_path, tmp_path):

@@ -32,7 +32,6 @@ from selftpt.toolbox import (
     TRAINER_REGISTRY,
     build_lr_scheduler,
     build_optimizer,
-    load_pretrained_weights,
 )
 from selftpt.trainer_base import PromptedClipTrainer
 
@@ -57,8 +56,7 @@ class MaPLeModelMixin:
         model = MaPLeCLIP(learner, clip_model, grad_checkpoint=grad_checkpoint)
         self.freeze_except(model, ("prompt_learner",))
         self.checkpoint_module = MaPLeCheckpoint(learner)
-        if self.cfg.MODEL.INIT_WEIGHTS:
-            load_pretrained_weights(self.checkpoint_module, self.cfg.MODEL.INIT_WEIGHTS)
+        self.load_init_weights(self.checkpoint_module)
         return model.to(self.device)
 
 

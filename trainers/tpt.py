@@ -26,7 +26,7 @@ import torch
 from selftpt.errors import UserError
 from selftpt.losses import marginal_entropy, select_confident
 from selftpt.prompted_clip import PromptedCLIP
-from selftpt.toolbox import TRAINER_REGISTRY, load_checkpoint, load_pretrained_weights
+from selftpt.toolbox import TRAINER_REGISTRY, load_checkpoint
 from selftpt.trainer_base import CheckpointError, ClipTrainer
 from selftpt.views import TestTimeViews, use_augmix
 
@@ -75,14 +75,13 @@ class TPT(ClipTrainer):
 
     # ----------------------------------------------------------------------------- model
     def build_model(self) -> None:
-        cfg, node = self.cfg, self.node
+        node = self.node
         clip_model = self.load_clip_model()
         print("Building custom CLIP")
         learner = self.build_prompt_learner(clip_model)
         self.model = PromptedCLIP(learner, clip_model, grad_checkpoint=node.GRAD_CHECKPOINT)
         self.freeze_except(self.model, ("prompt_learner",))
-        if cfg.MODEL.INIT_WEIGHTS:
-            load_pretrained_weights(self.model.prompt_learner, cfg.MODEL.INIT_WEIGHTS)
+        self.load_init_weights(self.model.prompt_learner)
         self.model.to(self.device)
         # TPT's optimiser: torch's AdamW with its defaults (weight decay 0.01), not Dassl's.
         self.optim = torch.optim.AdamW(self.model.prompt_learner.parameters(), lr=node.LR)
