@@ -379,8 +379,8 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named_with_the_tensor(tmp_p
 
 @pytest.mark.parametrize("trainer_name", ["CoOp", "TPT"])
 def test_init_weights_start_the_prompt_from_a_file(trainer_name, tmp_path, tiny_data_root, tiny_clip_path):
-    """MODEL.INIT_WEIGHTS (Dassl's key): the prompt learner starts from the file's tensors that
-    fit it (a Dassl checkpoint or a bare state_dict); the others are left out."""
+    """MODEL.INIT_WEIGHTS (Dassl's key): the prompt learner starts from the checkpoint's tensors
+    that fit it; the others are left out."""
     from selftpt.toolbox import save_checkpoint
 
     def build(*opts: str):
