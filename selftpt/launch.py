@@ -276,7 +276,7 @@ def _full_disk_path(cfg: Any, exc: OSError) -> str:
     ``write`` knows no name), the fullest of the folders this run writes to."""
     if exc.filename:
         return os.fsdecode(exc.filename)
-    folders = [cfg.OUTPUT_DIR, cfg.DATASET.ROOT, cfg.TEST.get("FEATURE_CACHE", "")]
+    folders = [cfg.OUTPUT_DIR, cfg.DATASET.ROOT, cfg.TEST.FEATURE_CACHE]
     folders = [osp.abspath(osp.expanduser(str(f))) for f in folders if f and osp.isdir(osp.expanduser(str(f)))]
     return min(folders, key=lambda f: shutil.disk_usage(f).free, default=cfg.OUTPUT_DIR)
 

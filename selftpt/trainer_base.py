@@ -249,7 +249,7 @@ class ClipTrainer(TrainerX):
 
     def eval_logits(self, split: str, data_loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(logits, labels) of each test batch, through the image-feature cache when enabled."""
-        cache_dir = self.cfg.TEST.get("FEATURE_CACHE", "")
+        cache_dir = self.cfg.TEST.FEATURE_CACHE
         if cache_dir and self.cfg.TEST.SHARD:
             print("TEST.FEATURE_CACHE: not used for a shard (the cache holds whole test sets)")
         elif cache_dir and self.image_encoder_for_cache() is not None:
