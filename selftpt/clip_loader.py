@@ -70,11 +70,18 @@ CLIP_ARCHS: dict[str, dict[str, Any]] = {
     "Bench-RN-S": dict(embed_dim=128, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
                        vision_patch_size=None, context_length=32, vocab_size=49408,
                        transformer_width=128, transformer_heads=2, transformer_layers=3),
+    # The benchmark's ViT (selftpt/benchmark/distill.py), for the methods that prompt ViT layers:
+    # Bench-RN-S's text tower and a 4-layer ViT (patch 16 at 64 px: 4x4 patches of the upsampled
+    # image) distilled from Bench-RN-S's image features; trainer configs for it set INPUT.SIZE (64, 64).
+    "Bench-ViT-S": dict(embed_dim=128, image_resolution=64, vision_layers=4, vision_width=128,
+                        vision_patch_size=16, context_length=32, vocab_size=49408,
+                        transformer_width=128, transformer_heads=2, transformer_layers=3),
 }
 
 # Built-in backbones: name -> file under selftpt/assets (a state_dict made by the
 # project's own pretraining script, see selftpt/benchmark/pretrain.py).
-BUILTIN_BACKBONES: dict[str, str] = {"Bench-RN-T": "bench_rn_tiny.pt", "Bench-RN-S": "bench_rn_small.pt"}
+BUILTIN_BACKBONES: dict[str, str] = {"Bench-RN-T": "bench_rn_tiny.pt", "Bench-RN-S": "bench_rn_small.pt",
+                                      "Bench-ViT-S": "bench_vit_small.pt"}
 
 
 class BackboneError(UserError, ValueError):

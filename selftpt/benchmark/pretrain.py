@@ -26,6 +26,11 @@ supervised image tower on the world's free labels, clean then mixed styles, then
 against the locked image tower)::
 
     python -m selftpt.benchmark.pretrain --recipe staged --out selftpt/assets/bench_rn_small.pt
+
+``--recipe distilled`` makes the benchmark's ViT, ``Bench-ViT-S`` (``distill.py``: Bench-RN-S's
+text tower, a ViT image tower distilled from Bench-RN-S's image features)::
+
+    python -m selftpt.benchmark.pretrain --recipe distilled
 """
 from __future__ import annotations
 
@@ -269,16 +274,20 @@ def pretrain(out: str | os.PathLike, steps: int = 1200, batch_size: int = 128, l
 
 
 def main(argv=None) -> None:
-    from selftpt.benchmark import staged
+    from selftpt.benchmark import distill, staged
 
     parser = argparse.ArgumentParser(description="Pretrain the benchmark's tiny CLIP (" + BACKBONE_NAME
-                                     + ", or " + staged.BACKBONE_NAME + " with --recipe staged)")
-    parser.add_argument("--recipe", choices=("contrastive", "staged"), default="contrastive",
+                                     + ", " + staged.BACKBONE_NAME + " with --recipe staged, "
+                                     + distill.BACKBONE_NAME + " with --recipe distilled)")
+    parser.add_argument("--recipe", choices=("contrastive", "staged", "distilled"), default="contrastive",
                         help="contrastive: " + BACKBONE_NAME + " (this module); staged: "
-                        + staged.BACKBONE_NAME + " (staged.py)")
+                        + staged.BACKBONE_NAME + " (staged.py); distilled: " + distill.BACKBONE_NAME
+                        + " (distill.py, from the staged recipe's asset)")
     parser.add_argument("--out", default="", help="state_dict to write [the recipe's file in selftpt/assets]")
-    parser.add_argument("--steps", type=int, default=1200, help="contrastive recipe only")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"contrastive and distilled recipes [1200; distilled {distill.Recipe.steps}]")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"[128; distilled {distill.Recipe.batch_size}]")
     parser.add_argument("--lr", type=float, default=1e-3, help="contrastive recipe only")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
@@ -298,6 +307,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     assets = Path(__file__).resolve().parents[1] / "assets"
+    if args.recipe == "distilled":
+        given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+        distill.pretrain_distilled(args.out or assets / distill.ASSET_FILE, distill.Recipe(seed=args.seed, **given),
+                                   workers=args.workers, threads=args.threads, use_fashion=not args.no_fashion,
+                                   evaluate=not args.no_eval, eval_root=args.eval_root or None)
+        return
+    args.batch_size = args.batch_size or 128
     if args.recipe == "staged":
         recipe = staged.Recipe(seed=args.seed, batch_size=args.batch_size,
                                **{k: getattr(args, k) for k in staged_options})
@@ -306,7 +322,8 @@ def main(argv=None) -> None:
                                evaluate=not args.no_eval, eval_root=args.eval_root or None,
                                image_cache=args.image_cache or None)
         return
-    pretrain(args.out or str(assets / ASSET_FILE), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    steps = 1200 if args.steps is None else args.steps
+    pretrain(args.out or str(assets / ASSET_FILE), steps=steps, batch_size=args.batch_size, lr=args.lr,
              seed=args.seed, workers=args.workers, threads=args.threads, use_fashion=not args.no_fashion,
              eval_root=args.eval_root or None, evaluate=not args.no_eval)
 
