@@ -121,6 +121,29 @@ def test_coop_then_tpt_plus_coop_on_the_benchmark(tmp_path):
     assert rec["method"] == "TPT+CoOp"
 
 
+@pytest.mark.parametrize("trainer, then", [("MaPLe", "PromptAlign"), ("PromptSRC", "PromptSRCTPT")])
+def test_deep_prompt_methods_run_on_the_benchmarks_vit(tmp_path, trainer, then):
+    # the deep-prompt bench configs name Bench-ViT-S: the CI-sized base-to-new run of MaPLe or
+    # PromptSRC, then its test-time variant from those prompts (2 views, 1 step, on the val split)
+    env = script_env(tmp_path, DATASETS="shapeworld", SEEDS="1", SHOTS="1", TABLE="0")
+    script = {"MaPLe": "maple", "PromptSRC": "promptsrc"}[trainer]
+    first = subprocess.run(["bash", f"scripts/{script}/base2new.sh", "OPTIM.MAX_EPOCH", "1"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr
+    base_rec, new_rec = base_and_new(tmp_path / "out", trainer)
+    assert base_rec["backbone"] == new_rec["backbone"] == "Bench-ViT-S"
+    chance = 100 / 32
+    assert base_rec["metrics"]["accuracy"] > 2 * chance and new_rec["metrics"]["accuracy"] > 2 * chance
+    env.update(PROMPTS_FROM=f"{trainer}/bench")
+    then_script, views = {"PromptAlign": ("promptalign", "TRAINER.PROMPTALIGN.N_VIEWS"),
+                          "PromptSRCTPT": ("promptsrc_tpt", "TRAINER.PROMPTSRC_TPT.N_VIEWS")}[then]
+    second = subprocess.run(["bash", f"scripts/{then_script}/base2new.sh", "DATASET.NUM_SHOTS", "1", views, "2",
+                             "TEST.SPLIT", "val"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    rec = json.loads(next((tmp_path / "out/base2new/test_base").rglob(f"{then}/*/seed1/results.json")).read_text())
+    assert rec["backbone"] == "Bench-ViT-S" and rec["metrics"]["accuracy"] > 2 * chance
+
+
 def test_script_help_and_unknown_dataset():
     out = subprocess.run(["bash", "scripts/coop/xd.sh", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "SEEDS" in out.stdout and "xd" in out.stdout
