@@ -68,7 +68,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from selftpt import dataset_catalog, protocols
+from selftpt import dassl_log, dataset_catalog, protocols
 from selftpt.benchmark.protocols import available_targets
 from selftpt.cli import user_errors
 from selftpt.errors import UserError
@@ -1103,7 +1103,11 @@ def _shard_round(sweep: Sweep, plan: list[list[Step]], eval_only: bool, launch: 
                 continue
             if not eval_only:
                 step = dataclasses.replace(step, action="run")
-            if not dry_run and step.model_dir is not None and not (step.model_dir / RESULTS_FILENAME).is_file():
+            if not eval_only and not dry_run and not _training_finished(step.folder):
+                print(f"not started (its training did not finish): {step.folder.relative_to(sweep.output)}",
+                      file=sys.stderr, flush=True)
+                failed += 1
+            elif not dry_run and step.model_dir is not None and not (step.model_dir / RESULTS_FILENAME).is_file():
                 print(f"not started (its model run {step.model_dir.relative_to(sweep.output)} has not finished): "
                       f"{step.folder.relative_to(sweep.output)}", file=sys.stderr, flush=True)
                 failed += 1
@@ -1129,6 +1133,13 @@ def _shard_round(sweep: Sweep, plan: list[list[Step]], eval_only: bool, launch: 
               file=sys.stdout if ok else sys.stderr, flush=True)
         failed += not ok
     return code, failed, held
+
+
+def _training_finished(folder: Path) -> bool:
+    """The training round left ``folder`` trained to its last epoch (its log's end marker), so
+    that shards resuming it evaluate instead of each refusing unfinished training."""
+    log = folder / "log.txt"
+    return log.is_file() and dassl_log.parse_log(log).finished
 
 
 def shard_steps(sweep: Sweep, step: Step) -> list[Step]:

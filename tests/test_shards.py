@@ -272,3 +272,21 @@ def test_a_sharded_sweep_shards_the_training_runs_own_evaluation_too(tmp_path, b
     assert _metrics(tmp_path / "sharded", SELFTPT_V_RUN, parts) == _metrics(tmp_path / "whole", SELFTPT_V_RUN, parts)
     again = _sweep(tmp_path, bench_data, "sharded", SELFTPT_V_SWEEP, CFG="bench_v", SHARDS="2")
     assert again.count("skipped (finished)") == 2 and "merged" not in again and "ran" not in again
+
+
+def test_a_sharded_sweep_does_not_shard_a_training_run_whose_training_failed(tmp_path, bench_data):
+    """Training fails (its initial weights do not exist): the sweep says so in one line and
+    starts none of its shards (each would refuse the unfinished training) nor a merge."""
+    import subprocess
+
+    from tests.test_scripts import REPO, script_env
+    env = script_env(tmp_path, DATASETS="shapeworld", SEEDS="1", SHOTS="1", TABLE="0", JOBS="1", CFG="bench_v",
+                     SHARDS="2")
+    env["SELFTPT_DATA"] = str(bench_data)
+    done = subprocess.run([*SELFTPT_V_SWEEP, "MODEL.INIT_WEIGHTS", str(tmp_path / "missing.pth")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0
+    train_base = SELFTPT_V_RUN.format(part="train_base")
+    assert f"not started (its training did not finish): {train_base}" in done.stderr
+    assert not (tmp_path / "out" / train_base / "shards").exists()
+    assert "merge FAILED" not in done.stderr and "shards/" not in done.stdout + done.stderr
