@@ -79,3 +79,18 @@ def test_text_features_render_the_requested_layout_and_context(clip_model):
         assert torch.allclose(front, expected, atol=1e-6)
         assert not torch.allclose(front, model.text_features("end", ctx=ctx), atol=1e-3)  # the layout matters
         assert not torch.allclose(front, model.text_features("front"), atol=1e-3)  # and so does the context
+
+
+def test_the_encoder_is_causal_as_clips_own_on_prompts_of_different_lengths():
+    """Two layers and names of different token lengths: a position must not see the positions
+    after it (CLIP's causal mask), else a short prompt's EOT reads the longer prompts' padding and,
+    after one layer, every position reads the tokens after it."""
+    from selftpt.text_encoder import encode_text_tokens
+
+    two_layers = build_random_clip(dict(TINY_CLIP_ARCH, transformer_layers=2), seed=4)
+    tokens = tokenize(["red.", "a photo of a large dark green striped circle."], 32)
+    assert len(set(tokens.argmax(-1).tolist())) == 2  # the EOTs sit at different positions
+    with torch.no_grad():
+        ours = encode_text_tokens(two_layers, tokens)
+        ref = two_layers.encode_text(tokens)
+    assert torch.allclose(ours, ref, atol=1e-5)
