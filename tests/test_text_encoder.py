@@ -87,10 +87,22 @@ def test_the_encoder_is_causal_as_clips_own_on_prompts_of_different_lengths():
     after one layer, every position reads the tokens after it."""
     from selftpt.text_encoder import encode_text_tokens
 
+    from clip.simple_tokenizer import SimpleTokenizer
+
+    from selftpt.text_encoder import trimmed_length
+
     two_layers = build_random_clip(dict(TINY_CLIP_ARCH, transformer_layers=2), seed=4)
-    tokens = tokenize(["red.", "a photo of a large dark green striped circle."], 32)
-    assert len(set(tokens.argmax(-1).tolist())) == 2  # the EOTs sit at different positions
+    texts = ["red.", "a photo of a large dark green striped circle."]
+    tokens = tokenize(texts, 32)
+    longest = 1 + len(SimpleTokenizer().encode(texts[1]))  # SOT, the words; the EOT follows
+    assert tokens.argmax(-1).tolist() == [3, longest] and trimmed_length(tokens) == longest + 1 < 32
+    lengths = []
+    hook = two_layers.transformer.resblocks[0].ln_1.register_forward_hook(
+        lambda _m, inputs, _out: lengths.append(inputs[0].shape[0]))
     with torch.no_grad():
         ours = encode_text_tokens(two_layers, tokens)
+    hook.remove()
+    assert lengths == [longest + 1]  # only the positions up to the last EOT run
+    with torch.no_grad():
         ref = two_layers.encode_text(tokens)
     assert torch.allclose(ours, ref, atol=1e-5)
