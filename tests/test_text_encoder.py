@@ -85,11 +85,9 @@ def test_the_encoder_is_causal_as_clips_own_on_prompts_of_different_lengths():
     """Two layers and names of different token lengths: a position must not see the positions
     after it (CLIP's causal mask), else a short prompt's EOT reads the longer prompts' padding and,
     after one layer, every position reads the tokens after it."""
-    from selftpt.text_encoder import encode_text_tokens
-
     from clip.simple_tokenizer import SimpleTokenizer
 
-    from selftpt.text_encoder import trimmed_length
+    from selftpt.text_encoder import encode_text_tokens, trimmed_length
 
     two_layers = build_random_clip(dict(TINY_CLIP_ARCH, transformer_layers=2), seed=4)
     texts = ["red.", "a photo of a large dark green striped circle."]
