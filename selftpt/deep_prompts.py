@@ -263,8 +263,8 @@ def require_vit_backbone(trainer: str, backbone: str, visual: nn.Module | None =
     if why == "a ResNet":
         raise ConfigError(f"{trainer} prompts the layers of a ViT image encoder, but backbone {backbone} is a "
                           "ResNet CLIP (no transformer layers); use a ViT backbone, e.g. MODEL.BACKBONE.NAME "
-                          "ViT-B/16 with INPUT.SIZE (224, 224) (the built-in CPU benchmark's Bench-RN-* "
-                          "backbones are ResNets)")
+                          "ViT-B/16 with INPUT.SIZE (224, 224), or Bench-ViT-S on the built-in CPU benchmark "
+                          "(its Bench-RN-* backbones are ResNets)")
     if why:
         raise ConfigError(f"{trainer} prompts the layers of a ViT image encoder, but backbone {backbone} has "
                           f"{why}; supported: {SUPPORTED_VISION}")

@@ -276,7 +276,7 @@ def test_a_checkpoint_in_the_released_format_loads(tiny_data_root, tiny_clip_pat
 # ------------------------------------------------------------------------- user errors
 @pytest.mark.parametrize("opts, words", [
     (("MODEL.BACKBONE.NAME", "RN50"), "backbone RN50 is a ResNet"),
-    (("MODEL.BACKBONE.NAME", "Bench-RN-S", "INPUT.SIZE", "(64, 64)"), "backbone Bench-RN-S is a ResNet"),
+    (("MODEL.BACKBONE.NAME", "Bench-RN-S", "INPUT.SIZE", "(64, 64)"), "or Bench-ViT-S on the built-in CPU benchmark"),
     (("TRAINER.PROMPTSRC.N_CTX_TEXT", "2"), "has 4 words but TRAINER.PROMPTSRC.N_CTX_TEXT is 2"),
 ])
 @pytest.mark.parametrize("kind", ["PromptSRC", "PromptSRCTPT"])
