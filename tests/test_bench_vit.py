@@ -161,3 +161,35 @@ def test_bench_vit_s_asset_loads_by_name_with_its_recorded_settings():
     assert record["arch"] == CLIP_ARCHS[name] and distill.Recipe(**record["settings"]) == distill.Recipe()
     assert set(record["quality"]["zeroshot"]) >= {"ShapeWorld", "MoreShapes", "ShapePatterns"}
     assert len(record["quality"]["probe_shapeworld_base"]["values"]) == 3
+
+
+def test_pretraining_writes_a_deterministic_fp16_asset_and_its_evaluated_sidecar(tmp_path, monkeypatch):
+    from clip.model import VisionTransformer
+
+    from selftpt.benchmark import quality
+    from selftpt.benchmark.catalog import DATASETS
+    from selftpt.clip_loader import load_clip
+
+    measured = {"probe_shapeworld_base": {"mean": 1.0}, "proxy_shapeworld_base": {"zeroshot": 2.0, "mean": 3.0},
+                "zeroshot": {"ShapeWorld": {"all": 4.0, "chance_all": 1.6, "base": 5.0, "new": 6.0}}}
+    seen = []
+
+    def table(model, seeds, root, names):  # the quality table's inputs, without measuring
+        seen.append((type(model.visual), list(seeds), names))
+        return measured
+
+    monkeypatch.setattr(quality, "quality_table", table)
+    recipe = distill.Recipe(steps=2, batch_size=8, bank_size=16, eval_every=0)
+    kwargs = dict(workers=0, use_fashion=False)
+    record = distill.pretrain_distilled(tmp_path / "a.pt", recipe, **kwargs)
+    distill.pretrain_distilled(tmp_path / "b.pt", recipe, evaluate=False, **kwargs)
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float16 for v in a.values() if v.is_floating_point())
+    assert isinstance(load_clip(str(tmp_path / "a.pt")).visual, VisionTransformer)
+    # evaluated through the normal loading path, on every dataset but the unused Fashion-MNIST
+    assert seen == [(VisionTransformer, [1, 2, 3], [n for n in DATASETS if n != "FashionMNIST"])]
+    sidecar = json.loads((tmp_path / "a.json").read_text())
+    assert sidecar["quality"] == record["quality"] == measured
+    assert sidecar["settings"]["steps"] == 2 and len(sidecar["distil"]["cosine_curve"]) == 1
+    assert "quality" not in json.loads((tmp_path / "b.json").read_text())

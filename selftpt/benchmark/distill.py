@@ -270,18 +270,9 @@ def pretrain_distilled(out, recipe: Recipe = Recipe(), workers: int = 1, threads
     log.info("saved %s (%.1f MiB): %.0fs wall, %.0fs CPU", out, record["file_mb"], record["distil"]["wall_seconds"],
              record["distil"]["cpu_seconds_process"] + record["distil"]["cpu_seconds_workers"])
     if evaluate:
-        from selftpt.benchmark.catalog import DATASETS
-        from selftpt.benchmark.quality import quality_table
+        from selftpt.benchmark.quality import evaluate_asset
 
-        evaluated = load_clip(str(out))
-        names = [n for n in DATASETS if use_fashion or n != "FashionMNIST"]
-        record["quality"] = quality_table(evaluated, (1, 2, 3), eval_root, names)
-        for n, r in record["quality"]["zeroshot"].items():
-            log.info("zero-shot %-18s all %5.1f (chance %4.1f)  base %5.1f  new %5.1f", n, r["all"],
-                     r["chance_all"], r["base"], r["new"])
-        quality = record["quality"]
-        log.info("probe ShapeWorld base %.1f; proxy %.1f -> %.1f", quality["probe_shapeworld_base"]["mean"],
-                 quality["proxy_shapeworld_base"]["zeroshot"], quality["proxy_shapeworld_base"]["mean"])
+        record["quality"] = evaluate_asset(out, use_fashion, eval_root)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return record
 

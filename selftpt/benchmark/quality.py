@@ -171,6 +171,25 @@ def quality_table(model, seeds=(1, 2, 3), root: str | None = None, datasets=None
     }
 
 
+def evaluate_asset(path, use_fashion: bool = True, root: str | None = None) -> dict:
+    """``quality_table`` of a pretrained asset loaded through the normal path (fp16 weights ->
+    fp32), every line logged; Fashion-MNIST left out when it was not used."""
+    import logging
+
+    from selftpt.benchmark.catalog import DATASETS
+    from selftpt.clip_loader import load_clip
+
+    log = logging.getLogger("selftpt.benchmark.quality")
+    names = [n for n in DATASETS if use_fashion or n != "FashionMNIST"]
+    table = quality_table(load_clip(str(path)), (1, 2, 3), root, names)
+    for n, r in table["zeroshot"].items():
+        log.info("zero-shot %-18s all %5.1f (chance %4.1f)  base %5.1f  new %5.1f", n, r["all"], r["chance_all"],
+                 r["base"], r["new"])
+    log.info("probe ShapeWorld base %.1f; proxy %.1f -> %.1f", table["probe_shapeworld_base"]["mean"],
+             table["proxy_shapeworld_base"]["zeroshot"], table["proxy_shapeworld_base"]["mean"])
+    return table
+
+
 def main(argv=None) -> None:
     from selftpt.clip_loader import load_clip
 

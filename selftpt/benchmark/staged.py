@@ -376,7 +376,7 @@ def pretrain_staged(out: str | os.PathLike, recipe: Recipe = Recipe(), workers: 
     image-stage settings) and read back by a later run with the same settings, so that text-stage
     settings can be compared without training the image tower again. Off by default.
     """
-    from selftpt.clip_loader import load_clip, save_state_dict
+    from selftpt.clip_loader import save_state_dict
 
     torch.set_num_threads(threads)
     out = Path(out)
@@ -420,17 +420,8 @@ def pretrain_staged(out: str | os.PathLike, recipe: Recipe = Recipe(), workers: 
     log.info("saved %s (%.1f MiB): stages %.0fs wall, %.0fs CPU", out, record["file_mb"], record["wall_seconds"],
              record["cpu_seconds"])
     if evaluate:
-        from selftpt.benchmark.catalog import DATASETS
-        from selftpt.benchmark.quality import quality_table
+        from selftpt.benchmark.quality import evaluate_asset
 
-        evaluated = load_clip(str(out))  # through the normal loading path, fp16 weights -> fp32
-        names = [n for n in DATASETS if use_fashion or n != "FashionMNIST"]
-        record["quality"] = quality_table(evaluated, (1, 2, 3), eval_root, names)
-        for n, r in record["quality"]["zeroshot"].items():
-            log.info("zero-shot %-18s all %5.1f (chance %4.1f)  base %5.1f  new %5.1f", n, r["all"],
-                     r["chance_all"], r["base"], r["new"])
-        quality = record["quality"]
-        log.info("probe ShapeWorld base %.1f; proxy %.1f -> %.1f", quality["probe_shapeworld_base"]["mean"],
-                 quality["proxy_shapeworld_base"]["zeroshot"], quality["proxy_shapeworld_base"]["mean"])
+        record["quality"] = evaluate_asset(out, use_fashion, eval_root)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return record
