@@ -222,6 +222,8 @@ def test_fashion_mnist_reader():
 
 def test_protocols_name_registered_datasets():
     from selftpt import dataset_catalog
+    from selftpt.deep_prompts import require_vit_backbone
+    from selftpt.errors import ConfigError
     from selftpt.protocols import PROTOCOLS
 
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -232,8 +234,12 @@ def test_protocols_name_registered_datasets():
             assert dataset_catalog.find(stem, dataset_catalog.BENCHMARK).name in DATASETS
             assert (configs / "datasets" / f"{stem}.yaml").is_file()
         # the shipped benchmark configs use the backbone the defaults name
+        # (the deep-prompt methods' name the benchmark's ViT: they refuse the default, a ResNet)
         for path in configs.glob("trainers/*/bench*.yaml"):
-            assert f'NAME: "{defaults.backbone}"' in path.read_text(), path
+            if f'NAME: "{defaults.backbone}"' not in path.read_text():
+                assert 'NAME: "Bench-ViT-S"' in path.read_text(), path
+                with pytest.raises(ConfigError, match="is a ResNet CLIP"):
+                    require_vit_backbone(path.parent.name, defaults.backbone)
 
 
 def test_protocols_cli_accepts_old_and_new_names(capsys):
