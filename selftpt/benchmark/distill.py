@@ -211,31 +211,32 @@ def distill_image_tower(student, teacher, recipe: Recipe, fashion_pool, workers:
         num_workers=workers, worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)
     visual.train()
     history, checks, start = [], [], time.time()
-    for step, x in enumerate(tqdm(loader, desc="distil", unit="step", mininterval=30), 1):
-        with torch.no_grad():
-            target = F.normalize(teacher.encode_image(x).float(), dim=-1)
-        feature = F.normalize(visual(x), dim=-1)
-        cos = (feature * target).sum(-1).mean()
-        loss = 1 - cos
-        if bank is not None:  # the teacher's distribution over the caption bank, at CLIP's logit scale
-            loss = loss + recipe.kd_weight * F.kl_div(F.log_softmax(scale * feature @ bank.t(), -1),
-                                                      F.log_softmax(scale * target @ bank.t(), -1),
-                                                      reduction="batchmean", log_target=True)
-        if taps is not None:
-            loss = loss + recipe.hint_weight * hint_loss(taps[0].values, taps[1].values, adapters)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(cos.item())
-        if step % 100 == 0 or step == recipe.steps:
-            log.info("distil step %d/%d cosine %.3f (%.0fs)", step, recipe.steps, np.mean(history[-100:]),
-                     time.time() - start)
-        if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps):
-            checks.append([step, round(_zeroshot_base(student, eval_root), 2)])
-            log.info("distil step %d: zero-shot ShapeWorld base %.1f", *checks[-1])
-    if taps is not None:
-        for t in taps:
+    try:
+        for step, x in enumerate(tqdm(loader, desc="distil", unit="step", mininterval=30), 1):
+            with torch.no_grad():
+                target = F.normalize(teacher.encode_image(x).float(), dim=-1)
+            feature = F.normalize(visual(x), dim=-1)
+            cos = (feature * target).sum(-1).mean()
+            loss = 1 - cos
+            if bank is not None:  # the teacher's distribution over the caption bank, at CLIP's logit scale
+                loss = loss + recipe.kd_weight * F.kl_div(F.log_softmax(scale * feature @ bank.t(), -1),
+                                                          F.log_softmax(scale * target @ bank.t(), -1),
+                                                          reduction="batchmean", log_target=True)
+            if taps is not None:
+                loss = loss + recipe.hint_weight * hint_loss(taps[0].values, taps[1].values, adapters)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append(cos.item())
+            if step % 100 == 0 or step == recipe.steps:
+                log.info("distil step %d/%d cosine %.3f (%.0fs)", step, recipe.steps, np.mean(history[-100:]),
+                         time.time() - start)
+            if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps):
+                checks.append([step, round(_zeroshot_base(student, eval_root), 2)])
+                log.info("distil step %d: zero-shot ShapeWorld base %.1f", *checks[-1])
+    finally:  # hooks on the teacher must not outlive this run, even a failed one
+        for t in taps or ():
             t.remove()
     visual.eval()
     for p in student.parameters():
