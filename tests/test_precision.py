@@ -107,6 +107,8 @@ MATRIX = {
     "SelfTPT": ["TRAINER.SELFTPT.TTA_STEPS", "3"],
     "SelfTPT-v": ["TRAINER.SELFTPT.TTA_STEPS", "3", "TRAINER.SELFTPT.N_VIEWS", "8"],
 }
+# the deep-prompt trainers and C-TPT have their own precision matrices (test_maple.py, ...)
+TEST_TIME = ("TPT", "MaPLeTPT", "PromptSRCTPT", "PromptAlign", "CTPT")
 
 
 def _run(method, precision, root, clip_path, out):
@@ -174,23 +176,24 @@ def test_gradient_scale_counts_each_backoff_and_names_an_overflowing_loss():
     assert scale.scale == 1.0  # never below 1: the gradient is not shrunk below its true size
 
 
-@pytest.mark.parametrize("method", ["CoOp", "CoCoOp", "SelfTPT", "TPT"])
+@pytest.mark.parametrize("method", ["CoOp", "CoCoOp", "SelfTPT", "MaPLe", "PromptSRC", *TEST_TIME])
 def test_an_overflowing_fp16_step_is_skipped_and_the_loss_scale_backs_off(method, tiny_data_root, tiny_clip_path,
                                                                          tmp_path):
     """Every trainer's optimiser step goes through its GradScaler: at a loss scale that overflows
     fp16's gradients the step is skipped (nothing moves) and the scale is lowered."""
     node = TRAINER_REGISTRY.get(method).CFG_NODE
+    few_views = [f"TRAINER.{node}.N_VIEWS", "8"] if method in TEST_TIME else []
     cfg = tiny_cfg(tiny_data_root, tiny_clip_path, method,
-                   ("OUTPUT_DIR", str(tmp_path), "SEED", "1", f"TRAINER.{node}.PREC", "fp16", *MATRIX[method]))
+                   ("OUTPUT_DIR", str(tmp_path), "SEED", "1", f"TRAINER.{node}.PREC", "fp16", *few_views))
     with pytest.warns(UserWarning):
         trainer = build_trainer(cfg)
-    # the trainers start below torch's 2^16 (see make_grad_scaler); TPT at its original code's 1000
-    assert trainer.scaler.get_scale() == (1000.0 if method == "TPT" else 2.0 ** 10)
+    # the trainers start below torch's 2^16 (see make_grad_scaler); TPT and its variants at TPT's original 1000
+    assert trainer.scaler.get_scale() == (1000.0 if method in TEST_TIME else 2.0 ** 10)
     huge = 2.0 ** 100
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=huge)
     tuned = [p for name in trainer.get_model_names() for p in trainer._models[name].parameters() if p.requires_grad]
     before = [p.detach().clone() for p in tuned]
-    if method == "TPT":
+    if method in TEST_TIME:
         trainer.prepare_for_test()
         views = trainer.views(_first_test_image(trainer))
         trainer.tune_and_predict(views)

@@ -162,8 +162,9 @@ def test_one_step_applies_the_gradient_of_ce_plus_the_weighted_regularisers(tiny
         frozen_image = F.normalize(model.image_encoder.visual(images), dim=-1)
         frozen_logits = model.logit_scale.exp() * frozen_image @ frozen_text.t()
     kl = (frozen_logits.softmax(-1) * (frozen_logits.log_softmax(-1) - logits.log_softmax(-1))).sum() / logits.numel()
-    loss = (F.cross_entropy(logits, labels) + 25.0 * (text - frozen_text).abs().mean()
-            + 10.0 * (image - frozen_image).abs().mean() + kl)
+    terms = {"loss_ce": F.cross_entropy(logits, labels), "loss_scl_text": 25.0 * (text - frozen_text).abs().mean(),
+             "loss_scl_image": 10.0 * (image - frozen_image).abs().mean(), "loss_scl_logits": kl}
+    loss = sum(terms.values())
     expected = torch.autograd.grad(loss, params)
     seen = []
     original = trainer.optim.step
@@ -171,6 +172,10 @@ def test_one_step_applies_the_gradient_of_ce_plus_the_weighted_regularisers(tiny
                                                                 original(*a, **k)))
     summary = trainer.forward_backward(batch)
     assert summary["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for name, term in terms.items():  # each logged term is its own part of the loss
+        assert summary[name] == pytest.approx(term.item(), rel=1e-5), name
+    accuracy = 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+    assert summary["acc"] == pytest.approx(accuracy)
     for got, want in zip(seen[0], expected):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
 
