@@ -475,13 +475,14 @@ def test_evaluation_text_features_cover_a_class_set_larger_than_one_chunk(kind, 
     torch.testing.assert_close(trainer.eval_text_features, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["CoOp", "CoCoOp", "SelfTPT"])
+@pytest.mark.parametrize("kind", ["CoOp", "CoCoOp", "SelfTPT", "MaPLe", "PromptSRC"])
 def test_the_learning_rate_schedule_steps_once_at_the_last_batch_of_an_epoch(kind, tiny_data_root,
                                                                             tiny_clip_path, tmp_path):
-    trainer = make_trainer(kind, tiny_data_root, tiny_clip_path, tmp_path)
+    trainer = make_trainer(kind, tiny_data_root, tiny_clip_path, tmp_path, "OPTIM.MAX_EPOCH", "2")
     batch, _ = fixed_train_batch(trainer)
     scheds = {n: s for n, s in trainer._scheds.items() if s is not None}
     assert scheds
+    trainer.epoch = 0
 
     def epochs():
         return {n: s.last_epoch for n, s in scheds.items()}
@@ -490,9 +491,12 @@ def test_the_learning_rate_schedule_steps_once_at_the_last_batch_of_an_epoch(kin
     trainer.batch_idx, trainer.num_batches = 0, 3  # a mid-epoch batch: no change
     trainer.forward_backward(batch)
     assert epochs() == start
+    assert getattr(trainer, "gpa_sum", None) is None  # PromptSRC adds to its prompt average once per epoch, too
     trainer.batch_idx = 2  # the epoch's last batch: every scheduler steps once
     trainer.forward_backward(batch)
     assert epochs() == {n: e + 1 for n, e in start.items()}
+    if kind == "PromptSRC":
+        assert trainer.gpa_sum is not None
 
 
 # ------------------------------------------------------------------------- Self-TPT stage 2
