@@ -240,6 +240,7 @@ def test_the_final_prompts_are_the_gaussian_weighted_average_of_the_epochs(tiny_
         expected = sum(wi * s[key] for wi, s in zip(w, snapshots))
         assert torch.allclose(param.detach(), expected, atol=1e-6), key
         assert torch.equal(saved[key], param.detach())  # the last checkpoint holds the GPA prompts
+    assert trainer.result_extra["gpa"] == {"mean": 2.0, "std": 1.0, "epochs": 3}  # recorded with the results
     assert not torch.equal(snapshots[0]["image_encoder.VPT"], snapshots[2]["image_encoder.VPT"])
 
 
