@@ -94,12 +94,19 @@ def test_token_moments_and_alignment_loss_by_hand():
     assert got.item() == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
-def test_per_image_loss_is_entropy_plus_alignment_by_hand(trainer_name, tiny_data_root, deep_clip, tmp_path):
+@pytest.mark.parametrize("trainer_name, selection, align_selection, tpt_loss", [
+    ("MaPLeTPT", 0.25, None, True),
+    ("PromptAlign", 0.25, 0.5, True),
+    ("PromptAlign", 0.5, 0.25, True),  # the statistics' views a strict subset of the entropy's
+    ("PromptAlign", 0.25, 0.5, False),  # TPT_LOSS False: the alignment alone
+])
+def test_per_image_loss_is_entropy_plus_alignment_by_hand(trainer_name, selection, align_selection, tpt_loss,
+                                                          tiny_data_root, deep_clip, tmp_path):
     node = {"MaPLeTPT": "MAPLE_TPT", "PromptAlign": "PROMPTALIGN"}[trainer_name]
-    extra = opts(node, "SELECTION_P", "0.25")
+    extra = opts(node, "SELECTION_P", str(selection))
     if trainer_name == "PromptAlign":
-        extra += opts(node, "ALIGN_SELECTION_P", "0.5", "ALIGN_WEIGHT", "30.0")
+        extra += opts(node, "ALIGN_SELECTION_P", str(align_selection), "ALIGN_WEIGHT", "30.0",
+                      "TPT_LOSS", str(tpt_loss))
     trainer = build(tiny_data_root, deep_clip, tmp_path, trainer_name, *extra)
     trainer.set_model_mode("eval")
     trainer.prepare_for_test()
@@ -107,23 +114,23 @@ def test_per_image_loss_is_entropy_plus_alignment_by_hand(trainer_name, tiny_dat
     trainer.reset()
     trainer.selected = None
     with torch.enable_grad():
-        got = trainer.view_loss(views).item()
+        got = trainer.view_loss(views)
     with torch.no_grad():
         tokens, logits = manual_tokens_and_logits(trainer.model, views, [0, 1])
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
         order = entropy.argsort()
-        p = logits[order[:2]].softmax(-1).mean(0)  # 25% of 8 views
-        want = -(p * p.log()).sum().item()
+        p = logits[order[:int(8 * selection)]].softmax(-1).mean(0)  # the most confident of the 8 views
+        want = -(p * p.log()).sum().item() if tpt_loss else 0.0
         if trainer_name == "PromptAlign":
             assert trainer.align_layers == [0, 1] and trainer.align_weight == pytest.approx(30.0 / 3)
-            rows = order[:4]  # 50% of 8 views
+            rows = order[:int(8 * align_selection)]
             for k, layer in enumerate([0, 1]):
                 x = tokens[layer][:, rows]
                 mean = x.mean(1)
                 var = ((x - mean.unsqueeze(1)) ** 2).mean(1)
                 want += 10.0 * (0.5 * (mean - trainer.source_mean[k]).abs().mean()
                                 + 0.5 * (var - trainer.source_var[k]).abs().mean()).item()
-    assert got == pytest.approx(want, rel=1e-4)
+    assert got.shape == () and got.item() == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
