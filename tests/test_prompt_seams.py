@@ -142,7 +142,7 @@ def test_text_prompts_per_sequence_and_every_layer_get_gradients(clip_model):
 
 def test_text_layer_zero_and_oversized_prompts_are_refused(clip_model):
     encoder = TextEncoder(clip_model)
-    with pytest.raises(ValueError, match="layer 0 takes no deep prompt"):
+    with pytest.raises(ValueError, match=r"^Text layer 0 takes no deep prompt: .* give layers >= 1$"):  # and the fix
         deep_prompts(encoder, DeepPrompts(learnable(0, 1)))
     with pytest.raises(ValueError, match=r"layer\(s\) \[3\]"):
         deep_prompts(encoder, DeepPrompts(learnable(3)))
