@@ -17,6 +17,7 @@ from selftpt.deep_prompts import (
     PromptedImageEncoder,
     deep_prompts,
     installed_deep_prompts,
+    recording_prompt_use,
 )
 from selftpt.feature_cache import feature_cache_key
 from selftpt.prompt_learner import PromptLearner
@@ -149,7 +150,23 @@ def test_text_layer_zero_and_oversized_prompts_are_refused(clip_model):
     tokens = tokenize(["cat"], DEEP_ARCH["context_length"])  # SOS cat EOT: 3 positions after trimming
     with deep_prompts(encoder, DeepPrompts(learnable(1))), pytest.raises(ValueError, match="do not fit"):
         encode_text(encoder, clip_model, tokens)
+    exact = tokenize(["cat dog"], DEEP_ARCH["context_length"])  # SOS cat dog EOT: the N = 3 tokens fill 1-3
+    assert trimmed_length(exact) == 1 + N  # nothing left after the prompt tokens
+    with deep_prompts(encoder, DeepPrompts(learnable(1))):
+        assert encode_text(encoder, clip_model, exact).shape[0] == 1  # an exact fit is accepted
     assert forward_hook_count(encoder) == 0
+
+
+def test_a_forward_through_text_prompts_is_recorded_as_their_use(clip_model):
+    """The feature cache's check (which prompts changed a forward) sees text prompts, too."""
+    encoder = TextEncoder(clip_model)
+    tokens = tokenize(["a b c d"], DEEP_ARCH["context_length"])
+    with deep_prompts(encoder, DeepPrompts(learnable(1))) as handle:
+        with torch.no_grad(), recording_prompt_use(encoder) as used:
+            encode_text(encoder, clip_model, tokens)
+        with torch.no_grad(), recording_prompt_use(clip_model.visual) as elsewhere:
+            encode_text(encoder, clip_model, tokens)
+    assert used == [handle] and elsewhere == []
 
 
 # ---------------------------------------------------------------------------- image side
