@@ -148,7 +148,8 @@ def test_text_layer_zero_and_oversized_prompts_are_refused(clip_model):
     with pytest.raises(ValueError, match=r"layer\(s\) \[3\]"):
         deep_prompts(encoder, DeepPrompts(learnable(3)))
     tokens = tokenize(["cat"], DEEP_ARCH["context_length"])  # SOS cat EOT: 3 positions after trimming
-    with deep_prompts(encoder, DeepPrompts(learnable(1))), pytest.raises(ValueError, match="do not fit prompts of 3 tokens"):
+    refused = pytest.raises(ValueError, match="do not fit prompts of 3 tokens")
+    with deep_prompts(encoder, DeepPrompts(learnable(1))), refused:
         encode_text(encoder, clip_model, tokens)
     exact = tokenize(["cat dog"], DEEP_ARCH["context_length"])  # SOS cat dog EOT: the N = 3 tokens fill 1-3
     assert trimmed_length(exact) == 1 + N  # nothing left after the prompt tokens
