@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 
 import pytest
 import torch
@@ -141,6 +142,20 @@ def test_text_prompts_per_sequence_and_every_layer_get_gradients(clip_model):
     assert all(g.abs().sum() > 0 for g in grads)
 
 
+
+def test_per_sequence_prompts_for_another_batch_size_are_refused(clip_model, images):
+    with deep_prompts(clip_model.visual, DeepPrompts({0: torch.zeros(4, N, WIDTH)})), \
+            pytest.raises(ValueError, match="hold 4 sets for a batch of 2"):
+        clip_model.visual(images)
+
+
+def test_prompt_tokens_join_the_activations_on_their_device(clip_model):
+    """fp32 CPU master tokens enter a model on another device ("meta": no data, devices checked)."""
+    visual = copy.deepcopy(clip_model.visual).to("meta")
+    with deep_prompts(visual, DeepPrompts(learnable(0, 1))):
+        features = visual(torch.empty(2, 3, 32, 32, device="meta"))
+    assert features.device.type == "meta" and features.shape == (2, DEEP_ARCH["embed_dim"])
+
 def test_text_layer_zero_and_oversized_prompts_are_refused(clip_model):
     encoder = TextEncoder(clip_model)
     with pytest.raises(ValueError, match=r"^Text layer 0 takes no deep prompt: .* give layers >= 1$"):  # and the fix
@@ -230,6 +245,14 @@ def test_image_prompts_are_refused_where_they_do_not_fit(clip_model):
     assert DeepPrompts.consecutive([torch.zeros(1, 4)] * 2, first_layer=1).layers.keys() == {1, 2}
 
 
+@pytest.mark.parametrize("layers, bad", [({-1: torch.zeros(2, WIDTH), 1: torch.zeros(2, WIDTH)}, "[-1]"),
+                                         ({0: torch.zeros(2, WIDTH), 2: torch.zeros(WIDTH)}, "[2]"),
+                                         ({1: torch.zeros(1, 1, 2, WIDTH)}, "[1]")])
+def test_negative_layers_and_tokens_of_other_shapes_are_refused_by_layer(layers, bad):
+    with pytest.raises(ValueError, match=f"layer\\(s\\) {re.escape(bad)} are not"):
+        DeepPrompts(layers)
+
+
 # ------------------------------------------------------------------------------ precision
 @pytest.mark.parametrize("mode", ["fp16", "amp"])
 def test_prompts_in_fp16_and_autocast(clip_model, images, mode):
@@ -285,10 +308,12 @@ def test_cache_key_covers_installed_vision_prompts(clip_model, tmp_path):
     plain = key_of(visual, tmp_path)
     assert "deep_prompts_sha256" not in plain  # unprompted keys keep their format (old entries still hit)
     keys = []
-    for seed in (1, 1, 2):
-        with deep_prompts(visual, DeepPrompts({i: t.detach().clone() for i, t in learnable(0, 2, seed=seed).items()})):
+    for seed, order in ((1, (0, 2)), (1, (2, 0)), (2, (0, 2))):
+        tokens = {i: t.detach().clone() for i, t in learnable(0, 2, seed=seed).items()}
+        with deep_prompts(visual, DeepPrompts({i: tokens[i] for i in order})):
             keys.append(key_of(visual, tmp_path))
-    assert keys[0] == keys[1] != keys[2]  # same prompts, same key; other prompts, another key
+    # same prompts, same key, in whichever order the layers are given; other prompts, another key
+    assert keys[0] == keys[1] != keys[2]
     assert keys[0] != plain and keys[0]["encoder_sha256"] == plain["encoder_sha256"]
     with deep_prompts(visual, DeepPrompts({0: torch.zeros(0, WIDTH)})):
         assert key_of(visual, tmp_path) == plain  # zero-length prompts change nothing
