@@ -26,6 +26,8 @@ from selftpt.deep_prompts import (  # noqa: E402
     installed_deep_prompts,
     recording_prompt_use,
     require_vit_backbone,
+    vision_depth,
+    vision_width,
 )
 from selftpt.errors import ConfigError  # noqa: E402
 from selftpt.launch import EXIT_USER_ERROR, main  # noqa: E402
@@ -208,6 +210,7 @@ def reference_eva_tokens(trunk, images: torch.Tensor, prompts: dict[int, torch.T
 def test_eva_prompts_are_prefix_tokens_equal_to_appended_prompts_without_rotary_position(deep_weights, images):
     model = load_clip(name(deep_weights, "Test-Tiny-EVA"))
     trunk, n = model.visual.trunk, 2
+    assert (vision_width(model.visual), vision_depth(model.visual)) == (trunk.embed_dim, len(trunk.blocks)) == (64, 2)
     prompts = tokens_of(64, 0, 1, n=n)
     with torch.no_grad():
         plain = model.model.encode_image(images)

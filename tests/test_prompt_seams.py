@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,6 +245,14 @@ def test_image_prompts_are_refused_where_they_do_not_fit(clip_model):
     resnet = build_random_clip("Bench-RN-T").visual
     with pytest.raises(ValueError, match="ViT image encoder"):
         deep_prompts(resnet, DeepPrompts(learnable(0)))
+    # the same refusal where open_clip was never imported (its tower class is looked up, not imported)
+    code = ("import sys; from selftpt.clip_loader import build_random_clip; from selftpt.deep_prompts import "
+            "DeepPrompts, deep_prompts; import torch\n"
+            "try: deep_prompts(build_random_clip('Bench-RN-T').visual, DeepPrompts({0: torch.zeros(1, 64)}))\n"
+            "except ValueError as e: print('open_clip' in sys.modules, e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    assert out.startswith("False Deep vision prompts need a ViT image encoder"), out
     assert DeepPrompts.consecutive([torch.zeros(1, 4)] * 2, first_layer=1).layers.keys() == {1, 2}
 
 
