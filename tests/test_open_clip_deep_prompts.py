@@ -9,6 +9,7 @@ average pooling, a ResNet) are refused in one line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("timm")
+from open_clip.modified_resnet import ModifiedResNet  # noqa: E402
 
 from selftpt.clip_loader import load_clip  # noqa: E402
 from selftpt.deep_prompts import (  # noqa: E402
@@ -383,8 +385,18 @@ def test_unsupported_towers_are_refused_in_one_line(deep_weights, arch, words):
     with pytest.raises(ConfigError) as exc:  # and from the built tower
         require_vit_backbone("PromptSRC", name(deep_weights, arch), model.visual)
     assert words in one_line(exc) and SUPPORTED in str(exc.value)
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(ValueError, match=f"do not fit an image tower with {re.escape(words)}"):
         deep_prompts(model.visual, DeepPrompts(tokens_of(64, 0)))
+
+
+def test_open_clips_resnet_and_other_modules_are_refused_by_what_they_are():
+    resnet = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=64, width=8)
+    with pytest.raises(ValueError, match="need a ViT image encoder: a ResNet CLIP"):
+        deep_prompts(resnet, DeepPrompts(tokens_of(64, 0)))
+    with pytest.raises(ConfigError, match="is a ResNet CLIP"):
+        require_vit_backbone("MaPLe", "open_clip:RN50/openai", resnet)
+    with pytest.raises(TypeError, match="not a Linear"):
+        deep_prompts(torch.nn.Linear(2, 2), DeepPrompts(tokens_of(64, 0)))
 
 
 def test_published_names_are_told_apart_without_weights():
