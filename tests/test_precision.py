@@ -205,6 +205,21 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_loss_scale_backs_off(method
     assert trainer.scaler.get_scale() < huge
 
 
+
+@pytest.mark.parametrize("method, on_cuda", [("CoOp", "fp16"), ("TPT", "amp"), ("MaPLeTPT", "fp16"),
+                                             ("PromptSRCTPT", "amp"), ("CTPT", "amp")])
+def test_auto_precision_on_cuda_is_each_trainers_own(method, on_cuda, tiny_data_root, tiny_clip_path, tmp_path):
+    """PREC auto: fp32 here; on a GPU what each method's original runs (TPT and its descendants
+    keep CLIP in fp32 under autocast; CoOp's family and MaPLe's fp16 CLIP)."""
+    node = TRAINER_REGISTRY.get(method).CFG_NODE
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, method,
+                   ("OUTPUT_DIR", str(tmp_path), f"TRAINER.{node}.PREC", "auto"))
+    trainer = build_trainer(cfg)
+    assert trainer.precision == "fp32"
+    trainer.device = torch.device("cuda")  # only the choice of precision reads it: CLIP loads on the CPU
+    trainer.load_clip_model()
+    assert trainer.precision == on_cuda
+
 def _first_test_image(trainer):
     from selftpt.toolbox import read_image
     return read_image(trainer.dm.dataset.test[0].impath)
