@@ -231,7 +231,7 @@ def test_hooks_are_removed_after_the_block_even_on_error(clip_model, images):
         assert torch.equal(visual(images), first)
     assert forward_hook_count(visual) == 0 and not installed_deep_prompts(clip_model)
     handle = deep_prompts(visual, DeepPrompts(learnable(0)))  # installed until removed
-    with pytest.raises(RuntimeError, match="already has deep prompts"):
+    with pytest.raises(RuntimeError, match="^This VisionTransformer already has deep prompts installed; remove them"):
         deep_prompts(visual, DeepPrompts(learnable(0)))
     handle.remove()
     assert forward_hook_count(visual) == 0
