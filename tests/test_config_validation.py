@@ -10,8 +10,8 @@ import trainers  # noqa: F401  (registers the trainers)
 from selftpt.config import extend_cfg, validate_cfg
 from selftpt.errors import ConfigError
 from selftpt.launch import build_parser, main, setup_cfg
-from selftpt.toolbox import TRAINER_REGISTRY, get_cfg_default
-from tests.helpers import tiny_opts
+from selftpt.toolbox import TRAINER_REGISTRY, build_trainer, get_cfg_default
+from tests.helpers import tiny_cfg, tiny_opts
 
 BAD = [
     ("SelfTPT", "DATASET.NUM_SHOTS", "-3", "must be -1 (all images) or a positive number of shots"),
@@ -64,6 +64,16 @@ def test_training_free_trainers_need_no_epochs():
     validate_cfg(cfg, trains=False)  # ZeroshotCLIP, TPT: nothing to train
     with pytest.raises(ConfigError, match="OPTIM.MAX_EPOCH is 0"):
         validate_cfg(cfg, trains=True)
+
+
+def test_a_trainer_built_directly_checks_its_config_by_whether_it_trains(tiny_data_root, tiny_clip_path, tmp_path):
+    """Dassl's check_cfg hook, for code that builds a trainer without train.py."""
+    def build(trainer):
+        return build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, trainer,
+                                      ("OUTPUT_DIR", str(tmp_path / trainer), "OPTIM.MAX_EPOCH", "0")))
+    assert build("ZeroshotCLIP").max_epoch == 0
+    with pytest.raises(ConfigError, match="OPTIM.MAX_EPOCH is 0"):
+        build("CoOp")
 
 
 def test_the_shipped_defaults_and_every_config_file_are_valid():
