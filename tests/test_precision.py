@@ -121,6 +121,10 @@ def _run(method, precision, root, clip_path, out):
     with pytest.warns(UserWarning) if precision != "fp32" else contextlib.nullcontext():
         trainer = build_trainer(cfg)
     assert trainer.precision == precision
+    model = getattr(trainer, "model", None) or trainer.clip_model  # zero-shot CLIP keeps CLIP itself
+    patch_embedding = next(m.conv1 for m in model.modules() if hasattr(m, "conv1"))  # CLIP's image tower
+    # fp16 keeps CLIP's half weights (CoOp); amp autocasts an fp32 CLIP (TPT)
+    assert patch_embedding.weight.dtype == (torch.float16 if precision == "fp16" else torch.float32)
     if trainer.TRAINS:
         trainer.train()  # ends with the evaluation
     else:
