@@ -20,6 +20,7 @@ from selftpt.deep_prompts import (
     DeepPrompts,
     PromptedImageEncoder,
     deep_prompts,
+    foreign_forward_hooks,
     installed_deep_prompts,
     recording_prompt_use,
 )
@@ -417,6 +418,12 @@ def test_prompts_the_key_cannot_see_are_refused(tiny_data_root, tiny_clip_path, 
     finally:
         hook.remove()
     assert "forward hooks of unknown effect (ln_post)" in capsys.readouterr().out
+    hook = visual.register_forward_pre_hook(lambda module, args: None)  # on the encoder itself: named by its type
+    try:
+        assert foreign_forward_hooks(visual) == ["VisionTransformer"]
+    finally:
+        hook.remove()
+    assert foreign_forward_hooks(visual) == []
 
 
 # ------------------------------------------------------------------------ chunked prompts
