@@ -29,6 +29,7 @@ from selftpt.promptsrc import (
 )
 from selftpt.toolbox import build_trainer, save_checkpoint, set_random_seed
 from tests.helpers import TINY_CLIP_ARCH, tiny_cfg, tiny_opts
+from trainers.promptsrc import MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEEP_ARCH = {**TINY_CLIP_ARCH, "vision_layers": 3, "transformer_layers": 3}
@@ -291,6 +292,8 @@ def test_a_resnet_or_a_mismatched_context_is_one_line(kind, opts, words, tmp_pat
     code = main(["--output-dir", str(tmp_path / "out"), *tiny_opts(tiny_data_root, tiny_clip_path, kind), *opts])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USER_ERROR and len(err) == 1 and words in err[0], err
+    if opts[0] == "MODEL.BACKBONE.NAME":
+        assert f"{kind} prompts the layers of a ViT image encoder" in err[0]  # who refuses
 
 
 def test_gpa_weights_that_vanish_are_one_line_before_training(tmp_path, capsys, tiny_data_root, tiny_clip_path):
@@ -355,6 +358,27 @@ def test_tpt_on_promptsrc_prompts_tunes_what_tune_says_and_resets_per_image(tune
         vision_moved = not torch.equal(tuned["image_encoder.VPT"], loaded["image_encoder.VPT"])
         assert vision_moved == (tune == "all")
         assert torch.equal(trainer.model_inference(second), alone)  # reset before each image
+
+
+
+def test_load_epoch_picks_that_epochs_prompts_among_several(tiny_data_root, tiny_clip_path, tmp_path):
+    out = tmp_path / "two_epochs"
+    source = make_trainer(tiny_data_root, tiny_clip_path, tmp_path / "src")
+    source.save_model(9, str(out))  # -> model.pth.tar-10
+    first = {k: p.detach().clone() for k, p in source.model.prompts.named_parameters()}
+    epoch10 = (out / MODEL_NAME / "model.pth.tar-10").read_bytes()
+    with torch.no_grad():
+        for p in source.model.prompts.parameters():
+            p.add_(1.0)
+    source.save_model(19, str(out))  # -> model.pth.tar-20, the latest (it replaces tar-10: put it back)
+    (out / MODEL_NAME / "model.pth.tar-10").write_bytes(epoch10)
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, "PromptSRCTPT",
+                           "TRAINER.PROMPTSRC_TPT.N_VIEWS", "8")
+    trainer.load_model(str(out), epoch=10)
+    assert trainer.prompt_init.endswith("model.pth.tar-10")
+    for key, value in trainer.model.prompts.named_parameters():
+        assert torch.equal(value.detach(), first[key]), key
+        assert torch.equal(trainer.initial_prompts[f"prompts.{key}"], first[key]), key  # each image starts there
 
 
 def test_tuning_every_prompt_steps_along_the_confident_views_entropy_gradient(tiny_data_root, tiny_clip_path,
