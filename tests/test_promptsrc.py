@@ -345,6 +345,8 @@ def test_tpt_on_promptsrc_prompts_tunes_what_tune_says_and_resets_per_image(tune
                                                                            tmp_path, promptsrc_dir):
     trainer = tpt_on_promptsrc(tiny_data_root, tiny_clip_path, tmp_path, promptsrc_dir, tune)
     assert trainer.prompt_init.startswith("PromptSRC checkpoint")
+    assert trainer.result_extra["tpt_tuned"] == {"all": "every prompt tensor (text and vision)",
+                                                 "text": "the text prompts (context, deep text tokens)"}[tune]
     loaded = promptsrc_dir[1]
     for key, value in trainer.model.prompts.named_parameters():
         assert torch.equal(value.detach(), loaded[key]), key
