@@ -342,7 +342,7 @@ def tpt_on_promptsrc(root, clip_path, tmp_path, promptsrc_dir, tune):
 
 @pytest.mark.parametrize("tune", ["all", "text"])
 def test_tpt_on_promptsrc_prompts_tunes_what_tune_says_and_resets_per_image(tune, tiny_data_root, tiny_clip_path,
-                                                                           tmp_path, promptsrc_dir):
+                                                                           tmp_path, promptsrc_dir, monkeypatch):
     trainer = tpt_on_promptsrc(tiny_data_root, tiny_clip_path, tmp_path, promptsrc_dir, tune)
     assert trainer.prompt_init.startswith("PromptSRC checkpoint")
     assert trainer.result_extra["tpt_tuned"] == {"all": "every prompt tensor (text and vision)",
@@ -360,6 +360,13 @@ def test_tpt_on_promptsrc_prompts_tunes_what_tune_says_and_resets_per_image(tune
         vision_moved = not torch.equal(tuned["image_encoder.VPT"], loaded["image_encoder.VPT"])
         assert vision_moved == (tune == "all")
         assert torch.equal(trainer.model_inference(second), alone)  # reset before each image
+    # the views pass the image encoder once with TUNE text (TPT's loop), at every step with TUNE all
+    encode, passes = trainer.model.encode_image, []
+    monkeypatch.setattr(trainer.model, "encode_image", lambda images: passes.append(len(images)) or encode(images))
+    with torch.no_grad():
+        trainer.model_inference(first)
+    steps = trainer.node.STEPS
+    assert passes == ([8] if tune == "text" else [8] + [1] * steps + [1])  # 8 views, the most confident tenth: 1
 
 
 
