@@ -210,15 +210,19 @@ def test_ece_equals_a_hand_computed_value_with_15_bins():
     assert expected_calibration_error(conf, pred == labels, n_bins=15) == pytest.approx(expected)
 
 
-def test_tpt_evaluation_records_ece(tiny_data_root, tiny_clip_path, tmp_path, monkeypatch):
-    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 2))
+@pytest.mark.parametrize("bins", [15, 1])
+def test_tpt_evaluation_records_ece(bins, tiny_data_root, tiny_clip_path, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path,
+                           opts=("TRAINER.TPT.N_VIEWS", 2, "TEST.ECE_BINS", bins))
     logits, labels, expected = exact_calibration_batch()
+    if bins == 1:  # one bin: |accuracy - mean confidence| = |0.6 - (0.25 + 3 x 0.75 + 0.5) / 5| = 0
+        expected = 0.0
     trainer.test_loader = ListLoader([{"img": torch.zeros(3, 2, 3, 32, 32), "label": labels[:3]},
                                       {"img": torch.zeros(2, 2, 3, 32, 32), "label": labels[3:]}])
     outputs = iter([logits[:3], logits[3:]])
     monkeypatch.setattr(trainer, "model_inference", lambda images: next(outputs))
     trainer.test()
-    assert trainer.test_result["metrics"]["ece"] == pytest.approx(expected)
+    assert trainer.test_result["metrics"]["ece"] == pytest.approx(expected, abs=1e-4)  # percent
     assert trainer.test_result["metrics"]["accuracy"] == pytest.approx(60.0)
 
 
