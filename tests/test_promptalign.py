@@ -185,6 +185,8 @@ def test_source_statistics_are_computed_once_next_to_the_model_reused_and_a_stal
     path = maple_run / CHECKPOINT_NAME / "promptalign_source_stats-1.pt"
     assert first.stats_computed and first.stats_path == path and path.is_file()
     assert first.result_extra["source_dataset"] == "TinyShapes" and first.result_extra["source_images"] == 48
+    assert {key: first.result_extra[key] for key in ("align", "tpt_loss", "align_layers")} == {
+        "align": True, "tpt_loss": True, "align_layers": [0, 1]}
     # the statistics: mean and variance over the 48 clean train images of the loaded prompts' tokens
     transform = build_transform(first.cfg, is_train=False)
     images = torch.stack([transform(read_image(item.impath)) for item in first.dm.dataset.train_x])
@@ -238,6 +240,23 @@ def test_maple_tpt_resets_every_prompt_parameter_and_the_optimiser_before_each_i
     saved = torch.load(maple_run / CHECKPOINT_NAME / "model.pth.tar-1", weights_only=False)["state_dict"]
     assert torch.equal(initial["ctx"], saved["prompt_learner.ctx"])  # each image starts from the trained MaPLe
 
+
+
+@pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
+def test_load_epoch_picks_that_epochs_prompts_among_several(trainer_name, maple_run, tiny_data_root, deep_clip,
+                                                            tmp_path):
+    run = Path(shutil.copytree(maple_run, tmp_path / "maple", ignore=shutil.ignore_patterns("promptalign_*")))
+    folder = run / CHECKPOINT_NAME
+    checkpoint = torch.load(folder / "model.pth.tar-1", weights_only=False)
+    first = checkpoint["state_dict"]["prompt_learner.ctx"].clone()
+    checkpoint["state_dict"]["prompt_learner.ctx"] = first + 1.0
+    checkpoint["epoch"] = 2
+    torch.save(checkpoint, folder / "model.pth.tar-2")
+    (folder / "checkpoint").write_text("model.pth.tar-2\n")  # the latest, as a second epoch's save leaves it
+    trainer = build(tiny_data_root, deep_clip, tmp_path / "t", trainer_name)
+    trainer.load_model(str(run), epoch=1)
+    assert torch.equal(trainer.model.prompt_learner.ctx.detach(), first)
+    assert torch.equal(trainer.prompt_init_state["ctx"], first) and trainer.prompt_init.endswith("model.pth.tar-1")
 
 def test_a_maple_checkpoint_of_another_depth_is_refused_in_one_line(maple_run, tiny_data_root, deep_clip,
                                                                     tmp_path):
