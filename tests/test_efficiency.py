@@ -60,6 +60,7 @@ def test_cached_logits_equal_uncached_and_each_image_is_encoded_once(tiny_data_r
     assert len(list(cache.glob("*.pt"))) == 1
     out = capsys.readouterr().out
     assert out.count("not cached yet") == 1 and out.count("read from the cache") == 2
+    assert out.count("Image features of the test split") == 3  # the split evaluated, named
 
 
 def test_a_changed_key_misses(tiny_data_root, tiny_clip_path, other_clip_path, tmp_path, monkeypatch, capsys):
