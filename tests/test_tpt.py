@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
 
+import selftpt.trainer_base as trainer_base
 import trainers  # noqa: F401  (registers the trainers)
 import trainers.tpt as tpt_module
 from selftpt.calibration import expected_calibration_error
@@ -225,6 +227,24 @@ def test_tpt_evaluation_records_ece(bins, tiny_data_root, tiny_clip_path, tmp_pa
     assert trainer.test_result["metrics"]["ece"] == pytest.approx(expected, abs=1e-4)  # percent
     assert trainer.test_result["metrics"]["accuracy"] == pytest.approx(60.0)
 
+
+
+def test_evaluation_times_its_phases_and_writes_each_metric_as_a_scalar(tiny_data_root, tiny_clip_path, tmp_path,
+                                                                        monkeypatch):
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 2))
+    logits, labels, _ = exact_calibration_batch()
+    trainer.test_loader = ListLoader([{"img": torch.zeros(1, 2, 3, 32, 32), "label": labels[:1]}])  # one image
+    monkeypatch.setattr(trainer, "model_inference", lambda images: logits[:1])
+    clock = iter([100.0, 102.2504, 110.501])  # started, prepared (after prepare_for_test), finished
+    monkeypatch.setattr(trainer_base, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    scalars = []
+    trainer._writer = types.SimpleNamespace(add_scalar=lambda *args: scalars.append(args))  # tensorboard's
+    trainer.epoch = 7
+    trainer.test()
+    assert trainer.test_result["timing"] == {"prepare_seconds": 2.25, "eval_seconds": 8.251,
+                                             "seconds_per_image": 8.2506}
+    metrics = trainer.test_result["metrics"]
+    assert {"accuracy", "ece"} <= set(metrics) and scalars == [(f"test/{k}", v, 7) for k, v in metrics.items()]
 
 # --------------------------------------------------------------------------- end to end
 def test_train_py_runs_tpt_coop_and_writes_time_and_ece(tiny_data_root, tiny_clip_path, tmp_path, coop_dirs):
