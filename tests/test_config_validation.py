@@ -2,13 +2,14 @@
 any work starts (no output folder, no data, no model)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.config import extend_cfg, validate_cfg
-from selftpt.errors import ConfigError
+from selftpt.errors import ConfigError, UserError
 from selftpt.launch import build_parser, main, setup_cfg
 from selftpt.toolbox import TRAINER_REGISTRY, build_trainer, get_cfg_default
 from tests.helpers import tiny_cfg, tiny_opts
@@ -74,6 +75,14 @@ def test_a_trainer_built_directly_checks_its_config_by_whether_it_trains(tiny_da
     assert build("ZeroshotCLIP").max_epoch == 0
     with pytest.raises(ConfigError, match="OPTIM.MAX_EPOCH is 0"):
         build("CoOp")
+
+
+def test_an_input_size_the_backbone_was_not_trained_at_is_refused_with_the_fix(tiny_data_root, tiny_clip_path,
+                                                                               tmp_path):
+    cfg = tiny_cfg(tiny_data_root, tiny_clip_path, "CoOp", ("OUTPUT_DIR", str(tmp_path), "INPUT.SIZE", "(64, 64)"))
+    with pytest.raises(UserError, match=re.escape(f"INPUT.SIZE is (64, 64) but backbone {tiny_clip_path} expects "
+                                                  "(32, 32); set INPUT.SIZE [32, 32]")):
+        build_trainer(cfg)
 
 
 def test_the_shipped_defaults_and_every_config_file_are_valid():

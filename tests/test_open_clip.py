@@ -309,6 +309,9 @@ def test_preprocessing_that_does_not_match_the_backbone_is_refused_before_any_wo
     with pytest.raises(OpenClipError) as exc:
         check_cfg_names(cfg)
     assert 'INPUT.PIXEL_MEAN [0.48145466, 0.4578275, 0.40821073] INPUT.INTERPOLATION "bicubic"' in one_line(exc)
+    with pytest.raises(OpenClipError, match="Test-Tiny-ViT") as exc:  # a trainer built without train.py, too
+        build_trainer(cfg)
+    assert 'INPUT.INTERPOLATION "bicubic"' in one_line(exc)
     cfg.merge_from_list(["INPUT.PIXEL_MEAN", "[0.48145466, 0.4578275, 0.40821073]", "INPUT.INTERPOLATION", "bicubic"])
     check_cfg_names(cfg)  # matches now
     siglip_like = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
