@@ -235,14 +235,14 @@ def test_evaluation_times_its_phases_and_writes_each_metric_as_a_scalar(tiny_dat
     logits, labels, _ = exact_calibration_batch()
     trainer.test_loader = ListLoader([{"img": torch.zeros(1, 2, 3, 32, 32), "label": labels[:1]}])  # one image
     monkeypatch.setattr(trainer, "model_inference", lambda images: logits[:1])
-    clock = iter([100.0, 102.2504, 110.501])  # started, prepared (after prepare_for_test), finished
+    clock = iter([100.0, 102.2504, 110.501012])  # started, prepared (after prepare_for_test), finished
     monkeypatch.setattr(trainer_base, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     scalars = []
     trainer._writer = types.SimpleNamespace(add_scalar=lambda *args: scalars.append(args))  # tensorboard's
     trainer.epoch = 7
     trainer.test()
     assert trainer.test_result["timing"] == {"prepare_seconds": 2.25, "eval_seconds": 8.251,
-                                             "seconds_per_image": 8.2506}
+                                             "seconds_per_image": 8.25061}
     metrics = trainer.test_result["metrics"]
     assert {"accuracy", "ece"} <= set(metrics) and scalars == [(f"test/{k}", v, 7) for k, v in metrics.items()]
 
