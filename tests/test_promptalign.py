@@ -185,8 +185,10 @@ def test_source_statistics_are_computed_once_next_to_the_model_reused_and_a_stal
     path = maple_run / CHECKPOINT_NAME / "promptalign_source_stats-1.pt"
     assert first.stats_computed and first.stats_path == path and path.is_file()
     assert first.result_extra["source_dataset"] == "TinyShapes" and first.result_extra["source_images"] == 48
-    assert {key: first.result_extra[key] for key in ("align", "tpt_loss", "align_layers")} == {
-        "align": True, "tpt_loss": True, "align_layers": [0, 1]}
+    recorded = ("align", "tpt_loss", "align_layers", "align_weight", "source_stats", "source_stats_computed")
+    assert {key: first.result_extra[key] for key in recorded} == {  # weight: 100 / (ALIGN_LAYER_TO 3 - FROM 0)
+        "align": True, "tpt_loss": True, "align_layers": [0, 1], "align_weight": 100 / 3, "source_stats": str(path),
+        "source_stats_computed": True}
     # the statistics: mean and variance over the 48 clean train images of the loaded prompts' tokens
     transform = build_transform(first.cfg, is_train=False)
     images = torch.stack([transform(read_image(item.impath)) for item in first.dm.dataset.train_x])
@@ -205,6 +207,7 @@ def test_source_statistics_are_computed_once_next_to_the_model_reused_and_a_stal
     second.load_model(str(maple_run), epoch=1)
     second.prepare_for_test()  # reuses the file
     assert not second.stats_computed and torch.equal(second.source_mean, first.source_mean)
+    assert second.result_extra["source_stats_computed"] is False
 
     stale = build(tiny_data_root, deep_clip, tmp_path / "c", "PromptAlign",
                   *opts("PROMPTALIGN", "SOURCE_MAX_IMAGES", "5"))
