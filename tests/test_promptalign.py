@@ -261,6 +261,31 @@ def test_load_epoch_picks_that_epochs_prompts_among_several(trainer_name, maple_
     assert torch.equal(trainer.model.prompt_learner.ctx.detach(), first)
     assert torch.equal(trainer.prompt_init_state["ctx"], first) and trainer.prompt_init.endswith("model.pth.tar-1")
 
+
+@pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
+def test_without_a_model_dir_every_image_starts_from_maples_initialisation(trainer_name, tiny_data_root, deep_clip,
+                                                                           tmp_path):
+    trainer = build(tiny_data_root, deep_clip, tmp_path, trainer_name)
+    before = {k: v.clone() for k, v in trainer.prompt_init_state.items()}
+    trainer.load_model("", epoch=3)  # whatever --load-epoch says: nothing is loaded
+    assert trainer.prompt_init == "MaPLe's initialisation (no --model-dir)"
+    for key, value in trainer.model.prompt_learner.named_parameters():
+        assert torch.equal(value.detach(), before[key]) and torch.equal(trainer.prompt_init_state[key], before[key])
+
+
+def test_a_depth_one_maple_checkpoint_loads_at_depth_one_and_is_refused_at_three(tiny_data_root, deep_clip,
+                                                                                 tmp_path):
+    out = tmp_path / "maple_depth1"
+    maple = build_trainer(tiny_cfg(tiny_data_root, deep_clip, "MaPLe", ("OUTPUT_DIR", str(out), "SEED", "1",
+                                                                        "TRAINER.MAPLE.PROMPT_DEPTH", "1")))
+    maple.save_model(0, str(out))  # no deeper prompts in the checkpoint
+    shallow = build(tiny_data_root, deep_clip, tmp_path / "a", "MaPLeTPT", *opts("MAPLE_TPT", "PROMPT_DEPTH", "1"))
+    shallow.load_model(str(out), epoch=1)
+    assert torch.equal(shallow.model.prompt_learner.ctx.detach(), maple.model.prompt_learner.ctx.detach())
+    deep = build(tiny_data_root, deep_clip, tmp_path / "b", "MaPLeTPT")
+    with pytest.raises(CheckpointError, match="depth 1 but TRAINER.MAPLE_TPT.PROMPT_DEPTH builds 3"):
+        deep.load_model(str(out), epoch=1)
+
 def test_a_maple_checkpoint_of_another_depth_is_refused_in_one_line(maple_run, tiny_data_root, deep_clip,
                                                                     tmp_path):
     trainer = build(tiny_data_root, deep_clip, tmp_path, "MaPLeTPT", *opts("MAPLE_TPT", "PROMPT_DEPTH", "2"))
