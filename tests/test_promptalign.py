@@ -230,6 +230,7 @@ def test_maple_tpt_resets_every_prompt_parameter_and_the_optimiser_before_each_i
     trainer.load_model(str(maple_run), epoch=1)
     trainer.set_model_mode("eval")
     trainer.prepare_for_test()
+    assert trainer.result_extra["maple_prompt_depth"] == 3
     initial = {k: v.clone() for k, v in trainer.prompt_init_state.items()}
     a, b = first_image_views(trainer, 0), first_image_views(trainer, 5)
     with torch.no_grad():

@@ -240,11 +240,12 @@ def test_evaluation_times_its_phases_and_writes_each_metric_as_a_scalar(tiny_dat
     scalars = []
     trainer._writer = types.SimpleNamespace(add_scalar=lambda *args: scalars.append(args))  # tensorboard's
     trainer.epoch = 7
-    trainer.test()
+    returned = trainer.test()  # what Dassl's best-val selection compares: the accuracy
     assert trainer.test_result["timing"] == {"prepare_seconds": 2.25, "eval_seconds": 8.251,
                                              "seconds_per_image": 8.25061}
     metrics = trainer.test_result["metrics"]
     assert {"accuracy", "ece"} <= set(metrics) and scalars == [(f"test/{k}", v, 7) for k, v in metrics.items()]
+    assert list(metrics)[:2] == ["accuracy", "error_rate"] and returned == metrics["accuracy"] != metrics["error_rate"]
 
 # --------------------------------------------------------------------------- end to end
 def test_train_py_runs_tpt_coop_and_writes_time_and_ece(tiny_data_root, tiny_clip_path, tmp_path, coop_dirs):
