@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import trainers.promptalign as promptalign_module
 from selftpt.clip_loader import build_random_clip, save_state_dict
+from selftpt.errors import UserError
 from selftpt.launch import main
 from selftpt.maple_prompts import CHECKPOINT_NAME
 from selftpt.token_stats import SourceStatsError, alignment_loss, token_moments
@@ -262,6 +263,20 @@ def test_load_epoch_picks_that_epochs_prompts_among_several(trainer_name, maple_
     assert torch.equal(trainer.model.prompt_learner.ctx.detach(), first)
     assert torch.equal(trainer.prompt_init_state["ctx"], first) and trainer.prompt_init.endswith("model.pth.tar-1")
 
+
+
+def test_out_of_memory_names_the_classes_the_views_and_the_knobs(tiny_data_root, deep_clip, tmp_path):
+    trainer = build(tiny_data_root, deep_clip, tmp_path, "MaPLeTPT")
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.view_loss = too_big
+    trainer.prepare_for_test()
+    with pytest.raises(UserError, match=r"^MaPLeTPT ran out of memory on cpu tuning MaPLe prompts for 6 classes on "
+                                        r"8 views .* TRAINER.MAPLE_TPT.GRAD_CHECKPOINT True .* TRAINER.MAPLE_TPT"
+                                        r".N_VIEWS \(now 8\)"):
+        trainer.tune_and_predict(first_image_views(trainer))
 
 @pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
 def test_without_a_model_dir_every_image_starts_from_maples_initialisation(trainer_name, tiny_data_root, deep_clip,

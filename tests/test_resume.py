@@ -145,6 +145,8 @@ def test_training_state_round_trips(trainer, tmp_path, tiny_data_root, tiny_clip
     assert not same(target.training_state(), state)  # the fresh trainer differs ...
     target.load_training_state(state)
     assert same(target.training_state(), state)  # ... until the state is loaded
+    if source.scaler is not None:
+        assert state["grad_scaler"]["scale"] == target.scaler.get_scale() == 123.0
 
 
 def same(a: Any, b: Any) -> bool:
