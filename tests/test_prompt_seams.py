@@ -441,3 +441,14 @@ def test_encode_in_chunks_is_the_concatenation_of_the_chunks():
     texts = ["a" * (i % 5) for i in range(PROMPT_CHUNK + 1)]
     assert encode_in_chunks(encode, texts).squeeze(1).tolist() == [float(i % 5) for i in range(PROMPT_CHUNK + 1)]
     assert [len(c) for c in calls] == [PROMPT_CHUNK, 1]
+
+
+def test_a_class_set_larger_than_a_chunk_is_encoded_once_per_class(tiny_data_root, tiny_clip_path, tmp_path,
+                                                                    monkeypatch):
+    """PromptedClipTrainer's class prompts in chunks (1000 ImageNet classes): 6 classes in chunks of 4."""
+    trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "CoOp", ("OUTPUT_DIR", str(tmp_path))))
+    monkeypatch.setattr(encode_in_chunks, "__defaults__", (4,))
+    trainer.prepare_for_test()
+    with torch.no_grad():
+        whole = trainer.model.text_features()
+    assert whole.shape[0] == 6 and torch.allclose(trainer.eval_text_features, whole, atol=1e-6)
