@@ -209,7 +209,6 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_loss_scale_backs_off(method
     assert trainer.scaler.get_scale() < huge
 
 
-
 @pytest.mark.parametrize("method, on_cuda", [("CoOp", "fp16"), ("TPT", "amp"), ("MaPLeTPT", "fp16"),
                                              ("PromptSRCTPT", "amp"), ("CTPT", "amp")])
 def test_auto_precision_on_cuda_is_each_trainers_own(method, on_cuda, tiny_data_root, tiny_clip_path, tmp_path):
@@ -223,6 +222,7 @@ def test_auto_precision_on_cuda_is_each_trainers_own(method, on_cuda, tiny_data_
     trainer.device = torch.device("cuda")  # only the choice of precision reads it: CLIP loads on the CPU
     trainer.load_clip_model()
     assert trainer.precision == on_cuda
+
 
 def _first_test_image(trainer):
     from selftpt.toolbox import read_image

@@ -146,7 +146,6 @@ def test_text_prompts_per_sequence_and_every_layer_get_gradients(clip_model):
     assert all(g.abs().sum() > 0 for g in grads)
 
 
-
 def test_per_sequence_prompts_for_another_batch_size_are_refused(clip_model, images):
     with deep_prompts(clip_model.visual, DeepPrompts({0: torch.zeros(4, N, WIDTH)})), \
             pytest.raises(ValueError, match="hold 4 sets for a batch of 2"):
@@ -159,6 +158,7 @@ def test_prompt_tokens_join_the_activations_on_their_device(clip_model):
     with deep_prompts(visual, DeepPrompts(learnable(0, 1))):
         features = visual(torch.empty(2, 3, 32, 32, device="meta"))
     assert features.device.type == "meta" and features.shape == (2, DEEP_ARCH["embed_dim"])
+
 
 def test_text_layer_zero_and_oversized_prompts_are_refused(clip_model):
     encoder = TextEncoder(clip_model)
@@ -447,7 +447,7 @@ def test_a_class_set_larger_than_a_chunk_is_encoded_once_per_class(tiny_data_roo
                                                                     monkeypatch):
     """PromptedClipTrainer's class prompts in chunks (1000 ImageNet classes): 6 classes in chunks of 4."""
     trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "CoOp", ("OUTPUT_DIR", str(tmp_path))))
-    monkeypatch.setattr(encode_in_chunks, "__defaults__", (4,))
+    monkeypatch.setattr(encode_in_chunks, "__defaults__", (4,))  # the trainer uses the default chunk size
     trainer.prepare_for_test()
     with torch.no_grad():
         whole = trainer.model.text_features()

@@ -246,7 +246,6 @@ def test_maple_tpt_resets_every_prompt_parameter_and_the_optimiser_before_each_i
     assert torch.equal(initial["ctx"], saved["prompt_learner.ctx"])  # each image starts from the trained MaPLe
 
 
-
 @pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
 def test_load_epoch_picks_that_epochs_prompts_among_several(trainer_name, maple_run, tiny_data_root, deep_clip,
                                                             tmp_path):
@@ -264,7 +263,6 @@ def test_load_epoch_picks_that_epochs_prompts_among_several(trainer_name, maple_
     assert torch.equal(trainer.prompt_init_state["ctx"], first) and trainer.prompt_init.endswith("model.pth.tar-1")
 
 
-
 def test_out_of_memory_names_the_classes_the_views_and_the_knobs(tiny_data_root, deep_clip, tmp_path):
     trainer = build(tiny_data_root, deep_clip, tmp_path, "MaPLeTPT")
 
@@ -277,6 +275,7 @@ def test_out_of_memory_names_the_classes_the_views_and_the_knobs(tiny_data_root,
                                         r"8 views .* TRAINER.MAPLE_TPT.GRAD_CHECKPOINT True .* TRAINER.MAPLE_TPT"
                                         r".N_VIEWS \(now 8\)"):
         trainer.tune_and_predict(first_image_views(trainer))
+
 
 @pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
 def test_without_a_model_dir_every_image_starts_from_maples_initialisation(trainer_name, tiny_data_root, deep_clip,
@@ -301,6 +300,7 @@ def test_a_depth_one_maple_checkpoint_loads_at_depth_one_and_is_refused_at_three
     deep = build(tiny_data_root, deep_clip, tmp_path / "b", "MaPLeTPT")
     with pytest.raises(CheckpointError, match="depth 1 but TRAINER.MAPLE_TPT.PROMPT_DEPTH builds 3"):
         deep.load_model(str(out), epoch=1)
+
 
 def test_a_maple_checkpoint_of_another_depth_is_refused_in_one_line(maple_run, tiny_data_root, deep_clip,
                                                                     tmp_path):

@@ -369,7 +369,6 @@ def test_tpt_on_promptsrc_prompts_tunes_what_tune_says_and_resets_per_image(tune
     assert passes == ([8] if tune == "text" else [8] + [1] * steps + [1])  # 8 views, the most confident tenth: 1
 
 
-
 def test_load_epoch_picks_that_epochs_prompts_among_several(tiny_data_root, tiny_clip_path, tmp_path):
     out = tmp_path / "two_epochs"
     source = make_trainer(tiny_data_root, tiny_clip_path, tmp_path / "src")

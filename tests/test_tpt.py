@@ -228,7 +228,6 @@ def test_tpt_evaluation_records_ece(bins, tiny_data_root, tiny_clip_path, tmp_pa
     assert trainer.test_result["metrics"]["accuracy"] == pytest.approx(60.0)
 
 
-
 def test_evaluation_times_its_phases_and_writes_each_metric_as_a_scalar(tiny_data_root, tiny_clip_path, tmp_path,
                                                                         monkeypatch):
     trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("TRAINER.TPT.N_VIEWS", 2))
@@ -246,6 +245,7 @@ def test_evaluation_times_its_phases_and_writes_each_metric_as_a_scalar(tiny_dat
     metrics = trainer.test_result["metrics"]
     assert {"accuracy", "ece"} <= set(metrics) and scalars == [(f"test/{k}", v, 7) for k, v in metrics.items()]
     assert list(metrics)[:2] == ["accuracy", "error_rate"] and returned == metrics["accuracy"] != metrics["error_rate"]
+
 
 # --------------------------------------------------------------------------- end to end
 def test_train_py_runs_tpt_coop_and_writes_time_and_ece(tiny_data_root, tiny_clip_path, tmp_path, coop_dirs):
@@ -265,7 +265,6 @@ def test_train_py_runs_tpt_coop_and_writes_time_and_ece(tiny_data_root, tiny_cli
     assert extra["precision"] == "fp32" and "model.pth.tar-1" in extra["prompt_init"]
     with open(tmp_path / "run" / "results.json") as f:
         assert json.load(f)["extra"]["seconds_per_image"] == pytest.approx(extra["seconds_per_image"])
-
 
 
 # --------------------------------------------------------------------------- mutation survivors
