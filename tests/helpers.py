@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 
 import torch
@@ -129,6 +130,13 @@ def fp32_everywhere() -> dict[str, str]:
     """``TRAINER.<NODE>.PREC fp32`` for every registered trainer's node: CPU tests compare
     against fp32 references, whatever a trainer's own default precision is."""
     return {f"TRAINER.{node}.PREC": "fp32" for node in sorted({cls.CFG_NODE for cls in registered_trainers().values()})}
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: a suite started in the
+    background (``pytest &``, ``nohup``) hands its children SIGINT ignored, and Python then never
+    raises KeyboardInterrupt; a terminal's Ctrl-C reaches a program with the default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def project_cfg(opts: list[str]):

@@ -21,7 +21,7 @@ import pytest
 
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.launch import main
-from tests.helpers import tiny_opts
+from tests.helpers import ctrl_c_as_in_a_terminal, tiny_opts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,7 +265,7 @@ def test_sigint_to_train_py_exits_130_without_traceback(tmp_path, tiny_data_root
             + "; runpy.run_path('train.py', run_name='__main__')")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline = time.time() + 240
         while not (out / "prompt_learner" / "checkpoint").exists() and proc.poll() is None and time.time() < deadline:

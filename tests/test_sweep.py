@@ -27,6 +27,7 @@ import trainers  # noqa: F401  (registers the trainers: a sweep plans from their
 from selftpt import collect, tables
 from selftpt.results import RESULTS_FILENAME, make_record, read_results, write_results
 from selftpt.sweep import Sweep  # also run (and fail) on code that lacks the newer helpers
+from tests.helpers import ctrl_c_as_in_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "base2new/{part}/shapeworld/shots_1/CoOp/bench/seed{seed}"  # a run folder under the output
@@ -104,7 +105,8 @@ def start_sweep(world, *extra: str, seeds: str = "1", jobs: str = "1", **setting
     driver, out, journal = world
     return subprocess.Popen([sys.executable, str(driver), *sweep_args(out, *extra, seeds=seeds, jobs=jobs)],
                             cwd=REPO, env=fake_env(journal, **settings), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
 
 
 def journal_of(world) -> list[dict]:
