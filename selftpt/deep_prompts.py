@@ -30,7 +30,8 @@ forward hooks around CLIP's own modules, so no CLIP forward is copied:
   convolutional trunk with one attention-pooling layer has no transformer layers to prompt, and
   the papers prompt ViT layers only); ViTs with an attentional pooler (it attends to every token,
   prompts included) or pooling other than the class token ('avg' would average the prompts in,
-  'none' returns them); timm towers other than EVA (e.g. SigLIP's, with attention pooling).
+  'none' returns them) or that return their tokens (``output_tokens``: prompts among them);
+  timm towers other than EVA (e.g. SigLIP's, with attention pooling).
 
 With no prompts installed nothing is hooked: outputs are bit-identical to plain CLIP.
 
@@ -181,13 +182,7 @@ def vision_refusal(visual: nn.Module) -> str:
     if isinstance(visual, VisionTransformer):
         return ""
     if is_open_clip_vit(visual):
-        if getattr(visual, "attn_pool", None) is not None:
-            return "an attentional pooler (attn_pool), which attends to the prompt tokens too"
-        if visual.pool_type != "tok":
-            return _pool_refusal(visual.pool_type, "tok")
-        if getattr(visual, "output_tokens", False):
-            return "an image tower that returns its tokens (output_tokens)"
-        return ""
+        return _open_clip_vit_refusal(visual.attn_pool is not None, visual.output_tokens, visual.pool_type)
     name = type(visual).__name__
     if name == "ModifiedResNet":  # OpenAI's or open_clip's
         return "a ResNet"
@@ -197,6 +192,15 @@ def vision_refusal(visual: nn.Module) -> str:
             return _timm_refusal(type(trunk).__name__)
         return _pool_refusal(trunk.global_pool, "token")
     return f"an image tower of type {name}"
+
+
+def _open_clip_vit_refusal(attn_pool: bool, output_tokens: bool, pool: str) -> str:
+    """``vision_refusal`` of an open_clip ``VisionTransformer``, built or from its config."""
+    if attn_pool:
+        return "an attentional pooler (attn_pool), which attends to the prompt tokens too"
+    if output_tokens:
+        return "an image tower that returns its tokens (output_tokens)"
+    return _pool_refusal(pool, "tok")
 
 
 def _pool_refusal(pool: str, class_token: str) -> str:
@@ -236,9 +240,8 @@ def _config_refusal(vision_cfg: dict[str, Any]) -> str:
         return _pool_refusal(vision_cfg.get("timm_pool", "avg"), "token")  # "avg": open_clip's TimmModel default
     if isinstance(vision_cfg.get("layers"), (tuple, list)):
         return "a ResNet"
-    if vision_cfg.get("attentional_pool"):
-        return "an attentional pooler (attn_pool), which attends to the prompt tokens too"
-    return _pool_refusal(vision_cfg.get("pool_type", "tok"), "tok")
+    return _open_clip_vit_refusal(bool(vision_cfg.get("attentional_pool")), bool(vision_cfg.get("output_tokens")),
+                                  vision_cfg.get("pool_type", "tok"))  # open_clip's CLIPVisionCfg defaults
 
 
 def require_vit_backbone(trainer: str, backbone: str, visual: nn.Module | None = None) -> None:

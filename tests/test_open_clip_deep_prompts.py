@@ -54,6 +54,7 @@ DEEP_CONFIGS = {
                            "vision_cfg": {**DEEP_VIT, "attentional_pool": True, "attn_pooler_queries": 4,
                                           "attn_pooler_heads": 2}},
     "Test-Deep-Avg": {"embed_dim": 32, "text_cfg": DEEP_TEXT, "vision_cfg": {**DEEP_VIT, "pool_type": "avg"}},
+    "Test-Deep-Tokens": {"embed_dim": 32, "text_cfg": DEEP_TEXT, "vision_cfg": {**DEEP_VIT, "output_tokens": True}},
     "Test-Tiny-EVA": CONFIGS["Test-Tiny-EVA"],
     "Test-Tiny-EVA-Avg": {**CONFIGS["Test-Tiny-EVA"],
                           "vision_cfg": {**CONFIGS["Test-Tiny-EVA"]["vision_cfg"], "timm_pool": "avg"}},
@@ -372,10 +373,11 @@ def test_test_time_variants_tune_prompts_per_image(deep_weights, tiny_data_root,
 
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("arch, words", [
-    ("Test-Tiny-TimmViT", "a timm image tower other than EVA"),
-    ("Test-Tiny-EVA-Avg", "image pooling 'avg'"),
-    ("Test-Deep-AttnPool", "an attentional pooler"),
-    ("Test-Deep-Avg", "image pooling 'avg'"),
+    ("Test-Tiny-TimmViT", "a timm image tower other than EVA"),  # named by timm model, then by class
+    ("Test-Tiny-EVA-Avg", "image pooling 'avg' (only class-token pooling 'token' leaves the prompts out)"),
+    ("Test-Deep-AttnPool", "an attentional pooler (attn_pool), which attends to the prompt tokens too"),
+    ("Test-Deep-Avg", "image pooling 'avg' (only class-token pooling 'tok' leaves the prompts out)"),
+    ("Test-Deep-Tokens", "an image tower that returns its tokens (output_tokens)"),
 ])
 def test_unsupported_towers_are_refused_in_one_line(deep_weights, arch, words):
     with pytest.raises(ConfigError) as exc:  # from open_clip's config, before any weights are read
