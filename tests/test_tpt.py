@@ -60,6 +60,13 @@ def test_view_batch_has_64_views_with_the_clean_view_first(tiny_data_root, tiny_
     assert not any(torch.equal(batch["img"][0, i], expected) for i in range(1, 64))
 
 
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_any_test_batch_size_becomes_one_image_per_batch(tiny_data_root, tiny_clip_path, tmp_path, batch_size):
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=("DATALOADER.TEST.BATCH_SIZE", batch_size))
+    assert trainer.test_loader.batch_size == 1  # each item is already N_VIEWS images
+    assert trainer.cfg.DATALOADER.TEST.BATCH_SIZE == batch_size  # the run's config keeps what was asked
+
+
 def test_confident_selection_keeps_exactly_the_lowest_entropy_tenth():
     logits = torch.zeros(64, 5)
     logits[:, 0] = torch.linspace(0.0, 1.0, 64)  # all fairly uncertain, each a little different
