@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from selftpt.clip_loader import build_random_clip, save_state_dict
 from selftpt.errors import UserError
 from selftpt.launch import main
 from selftpt.maple_prompts import CHECKPOINT_NAME
+from selftpt.results import RESULTS_FILENAME
 from selftpt.token_stats import SourceStatsError, alignment_loss, token_moments
 from selftpt.toolbox import build_trainer, build_transform, read_image, set_random_seed
 from selftpt.trainer_base import CheckpointError
@@ -223,6 +225,32 @@ def test_source_statistics_are_computed_once_next_to_the_model_reused_and_a_stal
                  "TRAINER.PROMPTALIGN.ALIGN_LAYER_TO", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "layers: file [0, 1], now [0, 1, 2]" in err[0], err
+
+
+@pytest.mark.parametrize("key, results, expected", [
+    ("ImageNet", '{"dataset": "Caltech101"}', "ImageNet"),  # the key wins
+    ("", '{"dataset": "Caltech101"}', "Caltech101"),  # else the trained model's dataset
+    ("", '{"dataset": ""}', None),  # else this run's, with a note
+    ("", '{"accuracy": 50.0}', None),
+    ("", "not json", None),
+    ("", "[1, 2]", None),
+    ("", None, None),  # a model dir without a results file
+    ("", "no model dir", None),
+])
+def test_the_source_dataset_is_the_key_else_the_trained_models_else_this_runs(tmp_path, capsys, monkeypatch, key,
+                                                                              results, expected):
+    model_dir = "" if results == "no model dir" else str(tmp_path)
+    if results == "no model dir":  # then no results file is read, not even one in the working directory
+        results = '{"dataset": "Caltech101"}'
+        monkeypatch.chdir(tmp_path)
+    if results is not None:
+        (tmp_path / RESULTS_FILENAME).write_text(results)
+    stand_in = SimpleNamespace(node=SimpleNamespace(SOURCE_DATASET=key, SOURCE_SPLIT="val"), _model_dir=model_dir,
+                               cfg=SimpleNamespace(DATASET=SimpleNamespace(NAME="TinyShapes")))
+    assert promptalign_module.PromptAlign.source_dataset(stand_in) == (expected or "TinyShapes")
+    note = ("Note: TRAINER.PROMPTALIGN.SOURCE_DATASET is empty and no trained model names its dataset; "
+            "source statistics from TinyShapes's val split")
+    assert capsys.readouterr().out.strip() == ("" if expected else note)
 
 
 def test_maple_tpt_resets_every_prompt_parameter_and_the_optimiser_before_each_image(
