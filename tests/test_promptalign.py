@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import trainers.promptalign as promptalign_module
 from selftpt.clip_loader import build_random_clip, save_state_dict
-from selftpt.errors import UserError
+from selftpt.errors import DatasetError, UserError
 from selftpt.launch import main
 from selftpt.maple_prompts import CHECKPOINT_NAME
 from selftpt.results import RESULTS_FILENAME
@@ -225,6 +225,53 @@ def test_source_statistics_are_computed_once_next_to_the_model_reused_and_a_stal
                  "TRAINER.PROMPTALIGN.ALIGN_LAYER_TO", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "layers: file [0, 1], now [0, 1, 2]" in err[0], err
+
+
+@pytest.mark.parametrize("split, max_images", [("val", 0), ("train", 20), ("test", 1)])
+def test_source_statistics_cover_the_configured_split_and_image_count(maple_run, tiny_data_root, deep_clip,
+                                                                     tmp_path, split, max_images):
+    stats = tmp_path / "stats.pt"
+    trainer = build(tiny_data_root, deep_clip, tmp_path / "run", "PromptAlign", "DATALOADER.TEST.BATCH_SIZE", "16",
+                    *opts("PROMPTALIGN", "SOURCE_SPLIT", split, "SOURCE_MAX_IMAGES", str(max_images),
+                          "SOURCE_STATS", str(stats)))
+    trainer.load_model(str(maple_run), epoch=1)
+    trainer.prepare_for_test()
+    dataset = trainer.dm.dataset
+    items = {"train": dataset.train_x, "val": dataset.val, "test": dataset.test}[split]
+    items = items[:max_images] if max_images else items  # 20 of 48 in batches of 16: the last batch counts too
+    assert trainer.result_extra["source_images"] == len(items) == {"val": 12, "train": 20, "test": 1}[split]
+    transform = build_transform(trainer.cfg, is_train=False)
+    images = torch.stack([transform(read_image(item.impath)) for item in items])
+    with torch.no_grad():
+        tokens, _ = manual_tokens_and_logits(trainer.model, images, [0, 1])
+    assert torch.allclose(trainer.source_mean[1].double(), tokens[1].double().mean(1), atol=1e-5)
+    # the stored fingerprint: what the statistics depend on, under the names a stale file's message uses
+    cfg = trainer.cfg
+    fingerprint = torch.load(stats)["fingerprint"]
+    assert set(fingerprint) == {"backbone", "precision", "prompts", "source_dataset", "source_split", "num_shots",
+                                "max_images", "input", "layers"}
+    assert {key: fingerprint[key] for key in ("precision", "source_dataset", "source_split", "num_shots",
+                                              "max_images", "input", "layers")} == {
+        "precision": "fp32", "source_dataset": "TinyShapes", "source_split": split,
+        "num_shots": cfg.DATASET.NUM_SHOTS, "max_images": max_images,
+        "input": [list(cfg.INPUT.SIZE), cfg.INPUT.INTERPOLATION, list(cfg.INPUT.PIXEL_MEAN), list(cfg.INPUT.PIXEL_STD)],
+        "layers": [0, 1]}
+
+
+def test_an_unreadable_source_image_is_one_line_naming_it(maple_run, tiny_data_root, deep_clip, tmp_path):
+    victim = sorted((tiny_data_root / "tiny_shapes").rglob("val_0.png"))[0]
+    original = victim.read_bytes()
+    victim.write_bytes(b"not a png")
+    try:
+        trainer = build(tiny_data_root, deep_clip, tmp_path / "run", "PromptAlign",
+                        *opts("PROMPTALIGN", "SOURCE_SPLIT", "val", "SOURCE_STATS", str(tmp_path / "stats.pt")))
+        trainer.load_model(str(maple_run), epoch=1)
+        with pytest.raises(DatasetError, match="TinyShapes: unreadable image") as caught:
+            trainer.prepare_for_test()
+    finally:
+        victim.write_bytes(original)
+    assert str(victim) in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "stats.pt").exists()  # nothing half-written
 
 
 @pytest.mark.parametrize("key, results, expected", [
