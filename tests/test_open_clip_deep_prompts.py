@@ -20,6 +20,7 @@ open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("timm")
 from open_clip.modified_resnet import ModifiedResNet  # noqa: E402
 
+from selftpt import open_clip_backend  # noqa: E402
 from selftpt.clip_loader import load_clip  # noqa: E402
 from selftpt.deep_prompts import (  # noqa: E402
     DeepPrompts,
@@ -372,23 +373,35 @@ def test_test_time_variants_tune_prompts_per_image(deep_weights, tiny_data_root,
 
 
 # ----------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("arch, words", [
-    ("Test-Tiny-TimmViT", "a timm image tower other than EVA"),  # named by timm model, then by class
-    ("Test-Tiny-EVA-Avg", "image pooling 'avg' (only class-token pooling 'token' leaves the prompts out)"),
-    ("Test-Deep-AttnPool", "an attentional pooler (attn_pool), which attends to the prompt tokens too"),
-    ("Test-Deep-Avg", "image pooling 'avg' (only class-token pooling 'tok' leaves the prompts out)"),
-    ("Test-Deep-Tokens", "an image tower that returns its tokens (output_tokens)"),
+@pytest.mark.parametrize("arch, words, built_words", [
+    # a timm tower is named by its timm model in the config, by its class once built
+    ("Test-Tiny-TimmViT", "a timm image tower other than EVA (vit_tiny_patch16_224)",
+     "a timm image tower other than EVA (VisionTransformer)"),
+    ("Test-Tiny-EVA-Avg", "image pooling 'avg' (only class-token pooling 'token' leaves the prompts out)", None),
+    ("Test-Deep-AttnPool", "an attentional pooler (attn_pool), which attends to the prompt tokens too", None),
+    ("Test-Deep-Avg", "image pooling 'avg' (only class-token pooling 'tok' leaves the prompts out)", None),
+    ("Test-Deep-Tokens", "an image tower that returns its tokens (output_tokens)", None),
 ])
-def test_unsupported_towers_are_refused_in_one_line(deep_weights, arch, words):
+def test_unsupported_towers_are_refused_in_one_line(deep_weights, arch, words, built_words):
     with pytest.raises(ConfigError) as exc:  # from open_clip's config, before any weights are read
         require_vit_backbone("MaPLe", f"open_clip:{arch}@/not/read.pt")
     assert words in one_line(exc) and SUPPORTED in str(exc.value)
+    words = built_words or words
     model = load_clip(name(deep_weights, arch))
     with pytest.raises(ConfigError) as exc:  # and from the built tower
         require_vit_backbone("PromptSRC", name(deep_weights, arch), model.visual)
     assert words in one_line(exc) and SUPPORTED in str(exc.value)
     with pytest.raises(ValueError, match=f"do not fit an image tower with {re.escape(words)}"):
         deep_prompts(model.visual, DeepPrompts(tokens_of(64, 0)))
+
+
+def test_a_local_dirs_config_is_checked_and_a_hub_name_waits_for_the_built_model(tmp_path, monkeypatch):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": DEEP_CONFIGS["Test-Deep-Avg"]}))
+    with pytest.raises(ConfigError) as exc:  # from the folder's config: it holds no weights
+        require_vit_backbone("MaPLe", f"open_clip:local-dir:{tmp_path}")
+    assert "image pooling 'avg'" in one_line(exc)
+    monkeypatch.setattr(open_clip_backend, "model_config", lambda spec: pytest.fail("read a hub config"))
+    require_vit_backbone("MaPLe", "open_clip:hf-hub:timm/ViT-B-16-SigLIP")  # not fetched here: checked once built
 
 
 def test_open_clips_resnet_and_other_modules_are_refused_by_what_they_are():
