@@ -258,20 +258,27 @@ def test_source_statistics_cover_the_configured_split_and_image_count(maple_run,
         "layers": [0, 1]}
 
 
-def test_an_unreadable_source_image_is_one_line_naming_it(maple_run, tiny_data_root, deep_clip, tmp_path):
+def test_an_unreadable_source_image_is_one_line_naming_it_or_skipped(maple_run, tiny_data_root, deep_clip, tmp_path):
     victim = sorted((tiny_data_root / "tiny_shapes").rglob("val_0.png"))[0]
     original = victim.read_bytes()
     victim.write_bytes(b"not a png")
-    try:
-        trainer = build(tiny_data_root, deep_clip, tmp_path / "run", "PromptAlign",
-                        *opts("PROMPTALIGN", "SOURCE_SPLIT", "val", "SOURCE_STATS", str(tmp_path / "stats.pt")))
+
+    def prepared(name: str, *extra: str):
+        trainer = build(tiny_data_root, deep_clip, tmp_path / name, "PromptAlign", *extra,
+                        *opts("PROMPTALIGN", "SOURCE_SPLIT", "val", "SOURCE_STATS", str(tmp_path / f"{name}.pt")))
         trainer.load_model(str(maple_run), epoch=1)
+        trainer.prepare_for_test()
+        return trainer
+
+    try:
         with pytest.raises(DatasetError, match="TinyShapes: unreadable image") as caught:
-            trainer.prepare_for_test()
+            prepared("strict")
+        skipping = prepared("skip", "DATASET.SKIP_CORRUPT_IMAGES", "True")
     finally:
         victim.write_bytes(original)
     assert str(victim) in str(caught.value) and "\n" not in str(caught.value)
-    assert not (tmp_path / "stats.pt").exists()  # nothing half-written
+    assert not (tmp_path / "strict.pt").exists()  # nothing half-written
+    assert skipping.result_extra["source_images"] == 11  # the 12 val images but the unreadable one
 
 
 @pytest.mark.parametrize("key, results, expected", [
