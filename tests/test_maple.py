@@ -201,6 +201,7 @@ def test_a_resnet_backbone_is_refused_in_one_line(tiny_data_root, tiny_clip_path
                  "MODEL.BACKBONE.NAME", "Bench-RN-S", "INPUT.SIZE", "(64, 64)"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USER_ERROR and len(err) == 1 and "ViT backbone" in err[0], err
+    assert "MaPLe prompts the layers of a ViT image encoder, but backbone Bench-RN-S is a ResNet CLIP" in err[0]
 
 
 def test_depth_beyond_the_backbone_prompts_every_layer(tiny_data_root, tiny_clip_path, tmp_path):
