@@ -8,10 +8,13 @@ import pytest
 import torch
 
 import trainers  # noqa: F401  (registers the trainers)
+from selftpt.clip_loader import build_random_clip
 from selftpt.config import extend_cfg
+from selftpt.prompt_learner import PromptLearner
 from selftpt.toolbox import build_trainer, get_cfg_default, set_random_seed
-from tests.helpers import ListLoader, exact_calibration_batch, tiny_cfg
+from tests.helpers import TINY_CLIP_ARCH, ListLoader, exact_calibration_batch, tiny_cfg
 from tests.learnable_world import learnable_cfg, training_set_loss
+from trainers.cocoop import ConditionalPromptLearner
 
 COCOOP_CONFIG = "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
 
@@ -132,3 +135,16 @@ def test_each_images_context_is_the_shared_context_plus_its_meta_net_shift(tiny_
         shift = learner.meta_net(features.float())
     assert shift.abs().max() > 0
     torch.testing.assert_close(contexts, learner.ctx.unsqueeze(0) + shift.unsqueeze(1), rtol=0, atol=1e-6)
+
+
+def test_the_conditional_learners_context_starts_as_coops():
+    """Its shared context is CoOp's, for the defaults (16 random tokens), a count and an initialisation."""
+    clip_model, names = build_random_clip(TINY_CLIP_ARCH, seed=0), ["red square", "green circle"]
+    for kwargs in ({}, {"n_ctx": 3}, {"n_ctx": 4, "ctx_init": "a photo of a"}):
+        torch.manual_seed(0)
+        conditional = ConditionalPromptLearner(names, clip_model, **kwargs)
+        torch.manual_seed(0)
+        coop = PromptLearner(names, clip_model, **kwargs)
+        assert torch.equal(conditional.ctx, coop.ctx) and conditional.prompt_prefix == coop.prompt_prefix
+    assert conditional.prompt_prefix == "a photo of a"
+    assert ConditionalPromptLearner(names, clip_model).ctx.shape[0] == 16
