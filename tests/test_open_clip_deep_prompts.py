@@ -384,7 +384,7 @@ def test_test_time_variants_tune_prompts_per_image(deep_weights, tiny_data_root,
 ])
 def test_unsupported_towers_are_refused_in_one_line(deep_weights, arch, words, built_words):
     with pytest.raises(ConfigError) as exc:  # from open_clip's config, before any weights are read
-        require_vit_backbone("MaPLe", f"open_clip:{arch}@/not/read.pt")
+        require_vit_backbone("MaPLe", f"open_clip:{arch}@/not/read@all.pt")  # the name ends at the first "@"
     assert words in one_line(exc) and SUPPORTED in str(exc.value)
     words = built_words or words
     model = load_clip(name(deep_weights, arch))
