@@ -368,11 +368,16 @@ def test_images_per_second_of_an_instant_or_subsecond_image(seconds, per_second,
     assert trainer.result_extra["images_per_second"] == (None if per_second is None else pytest.approx(per_second))
 
 
-@pytest.mark.parametrize("dataset, augmix", [("TinyShapes", True), ("ImageNet", False)])
-def test_the_results_record_tpts_settings(dataset, augmix, tiny_data_root, tiny_clip_path, tmp_path):
+@pytest.mark.parametrize("dataset, augmix, ctx_init, n_ctx, prompt_init", [
+    ("TinyShapes", True, "a photo of a", 4, 'CTX_INIT "a photo of a"'),
+    ("ImageNet", False, "", 3, "random (3 tokens)"),
+])
+def test_the_results_record_tpts_settings(dataset, augmix, ctx_init, n_ctx, prompt_init, tiny_data_root,
+                                          tiny_clip_path, tmp_path):
     """AUGMIX auto: on except on ImageNet (TPT's choice), as recorded in the results' extra."""
     trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, opts=(
-        "TRAINER.TPT.N_VIEWS", 16, "TRAINER.TPT.STEPS", 2, "TRAINER.TPT.LR", 0.01))
+        "TRAINER.TPT.N_VIEWS", 16, "TRAINER.TPT.STEPS", 2, "TRAINER.TPT.LR", 0.01,
+        "TRAINER.TPT.CTX_INIT", ctx_init, "TRAINER.TPT.N_CTX", n_ctx))
     trainer.cfg.defrost()
     trainer.cfg.DATASET.NAME = dataset  # only the name, as the evaluation reads it
     trainer.cfg.freeze()
@@ -380,3 +385,4 @@ def test_the_results_record_tpts_settings(dataset, augmix, tiny_data_root, tiny_
     extra = trainer.result_extra
     assert (extra["tpt_n_views"], extra["tpt_selected_views"], extra["tpt_steps"]) == (16, 1, 2)
     assert extra["tpt_lr"] == pytest.approx(0.01) and extra["tpt_augmix"] is augmix
+    assert extra["prompt_init"] == prompt_init  # without --model-dir
