@@ -443,10 +443,12 @@ def test_encode_in_chunks_is_the_concatenation_of_the_chunks():
     assert [len(c) for c in calls] == [PROMPT_CHUNK, 1]
 
 
+@pytest.mark.parametrize("trainer_name", ["CoOp", "PromptSRC"])
 def test_a_class_set_larger_than_a_chunk_is_encoded_once_per_class(tiny_data_root, tiny_clip_path, tmp_path,
-                                                                    monkeypatch):
-    """PromptedClipTrainer's class prompts in chunks (1000 ImageNet classes): 6 classes in chunks of 4."""
-    trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "CoOp", ("OUTPUT_DIR", str(tmp_path))))
+                                                                    monkeypatch, trainer_name):
+    """The class prompts in chunks (1000 ImageNet classes): 6 classes in chunks of 4
+    (PromptedClipTrainer's ``prepare_for_test`` and PromptSRC's own)."""
+    trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, trainer_name, ("OUTPUT_DIR", str(tmp_path))))
     monkeypatch.setattr(encode_in_chunks, "__defaults__", (4,))  # the trainer uses the default chunk size
     trainer.prepare_for_test()
     with torch.no_grad():
