@@ -23,7 +23,9 @@ TRAINING = project_trainers(trains=True)
 TRAINING_FREE = project_trainers(trains=False)
 # Fast settings per trainer on top of tests.helpers.tiny_opts. Self-TPT: batches of 4 images and
 # CPT on 4 of the 6 classes, so that CPT samples classes (its generator is training state).
+# PromptSRC: a GPA whose weights spread over the 3 epochs, so that its running sum is training state.
 EXTRA_OPTS = {"CoOp": ["TRAINER.COOP.N_CTX", "4"], "CoCoOp": ["TRAINER.COCOOP.N_CTX", "4"],
+              "PromptSRC": ["TRAINER.PROMPTSRC.GPA_MEAN", "1.0", "TRAINER.PROMPTSRC.GPA_STD", "1.0"],
               "SelfTPT": ["TRAINER.SELFTPT.TTA_STEPS", "3", "TRAINER.SELFTPT.CPT_MAX_CLASSES", "4",
                           "DATALOADER.TRAIN_X.BATCH_SIZE", "4"],
               "TPT": ["TRAINER.TPT.N_VIEWS", "4"]}
