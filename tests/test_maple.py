@@ -22,7 +22,7 @@ from selftpt.launch import EXIT_USER_ERROR, main
 from selftpt.maple_prompts import CHECKPOINT_NAME
 from selftpt.token_stats import recording_tokens
 from selftpt.toolbox import build_trainer, load_checkpoint, set_random_seed
-from tests.helpers import tiny_cfg, tiny_opts
+from tests.helpers import TINY_CLIP_ARCH, tiny_cfg, tiny_opts
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -202,6 +202,16 @@ def test_a_resnet_backbone_is_refused_in_one_line(tiny_data_root, tiny_clip_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USER_ERROR and len(err) == 1 and "ViT backbone" in err[0], err
     assert "MaPLe prompts the layers of a ViT image encoder, but backbone Bench-RN-S is a ResNet CLIP" in err[0]
+
+
+def test_a_resnet_given_as_a_file_is_refused_once_loaded(tiny_data_root, tmp_path, capsys):
+    """A weights file is not a known name, so the tower is checked after loading (one line all the same)."""
+    path = tmp_path / "resnet_clip.pt"
+    save_state_dict(build_random_clip({**TINY_CLIP_ARCH, "vision_layers": (1, 1, 1, 1), "vision_width": 32}), path)
+    code = main(["--output-dir", str(tmp_path / "out"), *tiny_opts(tiny_data_root, path, "MaPLe")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USER_ERROR and len(err) == 1, err
+    assert f"MaPLe prompts the layers of a ViT image encoder, but backbone {path} is a ResNet CLIP" in err[0]
 
 
 def test_depth_beyond_the_backbone_prompts_every_layer(tiny_data_root, tiny_clip_path, tmp_path):

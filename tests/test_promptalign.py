@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import selftpt.text_encoder as text_encoder_module
 import trainers.promptalign as promptalign_module
 from selftpt.clip_loader import build_random_clip, save_state_dict
 from selftpt.errors import DatasetError, UserError
@@ -157,6 +158,34 @@ def test_the_step_is_adamw_on_the_gradient_of_the_per_image_objective(trainer_na
     for p, p0, g in zip(params, start, grads):
         g = torch.zeros_like(p0) if g is None else g
         assert torch.allclose(p.detach(), p0 * (1 - lr * wd) - lr * g / (g.abs() + 1e-8), atol=1e-6)
+
+
+@pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
+def test_grad_checkpoint_recomputes_the_text_tower_and_tunes_the_same(trainer_name, maple_run, tiny_data_root,
+                                                                       deep_clip, tmp_path, monkeypatch):
+    checkpointed = []
+    original = text_encoder_module.checkpoint
+    monkeypatch.setattr(text_encoder_module, "checkpoint",
+                        lambda *a, **k: checkpointed.append(1) or original(*a, **k))
+    node = {"MaPLeTPT": "MAPLE_TPT", "PromptAlign": "PROMPTALIGN"}[trainer_name]
+    tuned = {}
+    for flag in (False, True):
+        extra = opts(node, "GRAD_CHECKPOINT", str(flag))
+        if trainer_name == "PromptAlign":
+            extra += opts(node, "SOURCE_STATS", str(tmp_path / "stats.pt"))
+        trainer = build(tiny_data_root, deep_clip, tmp_path / str(flag), trainer_name, *extra)
+        trainer.load_model(str(maple_run), epoch=1)
+        trainer.set_model_mode("eval")
+        trainer.prepare_for_test()
+        torch.manual_seed(0)
+        views = first_image_views(trainer)
+        checkpointed.clear()
+        with torch.no_grad():
+            logits = trainer.tune_and_predict(views)
+        assert bool(checkpointed) == flag
+        tuned[flag] = (logits, [p.detach().clone() for p in trainer.checkpoint_module.parameters()])
+    assert torch.allclose(tuned[False][0], tuned[True][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned[False][1], tuned[True][1]))
 
 
 def test_one_tpt_step_lowers_the_marginal_entropy(maple_run, tiny_data_root, deep_clip, tmp_path):
