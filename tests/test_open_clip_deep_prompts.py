@@ -396,10 +396,14 @@ def test_unsupported_towers_are_refused_in_one_line(deep_weights, arch, words, b
 
 
 def test_a_local_dirs_config_is_checked_and_a_hub_name_waits_for_the_built_model(tmp_path, monkeypatch):
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": DEEP_CONFIGS["Test-Deep-Avg"]}))
-    with pytest.raises(ConfigError) as exc:  # from the folder's config: it holds no weights
-        require_vit_backbone("MaPLe", f"open_clip:local-dir:{tmp_path}")
-    assert "image pooling 'avg'" in one_line(exc)
+    eva = CONFIGS["Test-Tiny-EVA"]
+    eva_default_pool = {**eva, "vision_cfg": {k: v for k, v in eva["vision_cfg"].items() if k != "timm_pool"}}
+    for folder, config in [("avg", DEEP_CONFIGS["Test-Deep-Avg"]), ("eva", eva_default_pool)]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+        with pytest.raises(ConfigError) as exc:  # from the folder's config: it holds no weights
+            require_vit_backbone("MaPLe", f"open_clip:local-dir:{tmp_path / folder}")
+        assert "image pooling 'avg'" in one_line(exc)  # EVA without timm_pool: open_clip's default, 'avg'
     monkeypatch.setattr(open_clip_backend, "model_config", lambda spec: pytest.fail("read a hub config"))
     require_vit_backbone("MaPLe", "open_clip:hf-hub:timm/ViT-B-16-SigLIP")  # not fetched here: checked once built
 
