@@ -6,7 +6,8 @@ fields. A directory with only Dassl logs (runs made by CoOp-family code) is desc
 (``.../base2new/test_new/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>``, CoOp/PromptSRC style)
 is used only for what those sources lack: the protocol (folder names ``base2new``, ``xd``,
 ``dg``, ``fewshot``; no results field holds it) and, for logs without a config block, seed,
-shots, base/new, dataset and trainer.
+shots, base/new, dataset and trainer. A run's shard folders (``RUN/shards/<i>of<n>``, each a
+slice of its test set) are never runs: the run counts once its shards are merged.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from selftpt import dassl_log, dataset_catalog, protocols
 from selftpt.results import RESULTS_FILENAME, ResultsFileError, read_results
+from selftpt.shards import is_shard_folder
 from selftpt.trainer_facts import registered_trainers
 
 # Folder names that say which protocol a run belongs to (nearest to the run wins).
@@ -198,6 +200,14 @@ def collect_runs(roots: Iterable[str | os.PathLike]) -> Collection:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             run_dir = Path(dirpath)
+            shards = [d for d in dirnames if is_shard_folder(run_dir / d)]
+            if shards:  # slices of one run's test set: never a run of their own
+                dirnames[:] = [d for d in dirnames if d not in shards]
+                run = run_dir.parent
+                if not (run / RESULTS_FILENAME).is_file():
+                    found.notes.append(f"{run}: {len(shards)} shard(s) not merged yet; once all have finished, "
+                                       f"python -m selftpt.shards {run} (a sweep merges them itself); "
+                                       "seed counted as missing")
             if RESULTS_FILENAME in filenames:
                 try:
                     found.runs.append(_run_from_results(run_dir / RESULTS_FILENAME))

@@ -54,6 +54,12 @@ _SPEC = re.compile(r"(\d+)/(\d+)")
 _FOLDER = re.compile(r"(\d+)of(\d+)")
 
 
+def is_shard_folder(path: str | os.PathLike) -> bool:
+    """``RUN/shards/<i>of<n>``: one shard of a run, a slice of its test set (the run's result once merged)."""
+    path = Path(path)
+    return path.parent.name == SHARDS_DIR and _FOLDER.fullmatch(path.name) is not None
+
+
 class ShardError(UserError, ValueError):
     """A shard setting or a set of shards that cannot be used (one line, naming the fix)."""
 

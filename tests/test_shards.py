@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import trainers  # noqa: F401  (registers the trainers)
+from selftpt.collect import collect_runs
 from selftpt.config import validate_cfg
 from selftpt.errors import ConfigError, UserError
 from selftpt.launch import build_parser, main, run
@@ -148,6 +149,19 @@ def _copy(source, target):
     import shutil
     shutil.copytree(source, target)
     return target
+
+
+def test_unmerged_shards_are_no_run_in_the_tables_and_a_merged_run_is_one(four_shards, tmp_path):
+    """Each shard's log holds the accuracy of its slice of the test set: until the merge the seed
+    is missing (with a note), then the merged results.json is the run."""
+    run_dir = _copy(four_shards, tmp_path / "out" / "seed1")
+    found = collect_runs([tmp_path / "out"])
+    assert found.runs == [] and len(found.notes) == 1
+    assert found.notes[0].startswith(f"{run_dir}: 4 shard(s) not merged yet") and "seed counted as missing" in \
+        found.notes[0]
+    merge_shards(run_dir)
+    found = collect_runs([tmp_path / "out"])
+    assert [run.source for run in found.runs] == [run_dir / "results.json"] and found.notes == []
 
 
 def test_a_missing_shard_is_refused(four_shards, tmp_path):
