@@ -203,10 +203,10 @@ def collect_runs(roots: Iterable[str | os.PathLike]) -> Collection:
             shards = [d for d in dirnames if is_shard_folder(run_dir / d)]
             if shards:  # slices of one run's test set: never a run of their own
                 dirnames[:] = [d for d in dirnames if d not in shards]
-                run = run_dir.parent
-                if not (run / RESULTS_FILENAME).is_file():
-                    found.notes.append(f"{run}: {len(shards)} shard(s) not merged yet; once all have finished, "
-                                       f"python -m selftpt.shards {run} (a sweep merges them itself); "
+                sharded = run_dir.parent
+                if not (sharded / RESULTS_FILENAME).is_file():
+                    found.notes.append(f"{sharded}: {len(shards)} shard(s) not merged yet; once all have finished, "
+                                       f"python -m selftpt.shards {sharded} (a sweep merges them itself); "
                                        "seed counted as missing")
             if RESULTS_FILENAME in filenames:
                 try:
