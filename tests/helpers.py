@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+import selftpt.text_encoder as text_encoder_module
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.clip_loader import build_random_clip, save_state_dict
 from selftpt.config import extend_cfg
@@ -137,6 +138,14 @@ def ctrl_c_as_in_a_terminal() -> None:
     background (``pytest &``, ``nohup``) hands its children SIGINT ignored, and Python then never
     raises KeyboardInterrupt; a terminal's Ctrl-C reaches a program with the default action."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def recorded_checkpoints(monkeypatch) -> list[int]:
+    """A list that gets an entry each time the text encoder checkpoints a block (``GRAD_CHECKPOINT``)."""
+    calls: list[int] = []
+    original = text_encoder_module.checkpoint
+    monkeypatch.setattr(text_encoder_module, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
 
 
 def project_cfg(opts: list[str]):

@@ -146,5 +146,5 @@ def test_the_conditional_learners_context_starts_as_coops():
         torch.manual_seed(0)
         coop = PromptLearner(names, clip_model, **kwargs)
         assert torch.equal(conditional.ctx, coop.ctx) and conditional.prompt_prefix == coop.prompt_prefix
-    assert conditional.prompt_prefix == "a photo of a"
+    assert conditional.prompt_prefix == "a photo of a"  # the last: initialised from words
     assert ConditionalPromptLearner(names, clip_model).ctx.shape[0] == 16

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import selftpt.text_encoder as text_encoder_module
 import selftpt.views as views_module
 import trainers  # noqa: F401  (registers the trainers)
 import trainers.tpt as tpt_module
@@ -26,7 +25,7 @@ from selftpt.launch import main
 from selftpt.prompt_learner import POSITIONS
 from selftpt.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 from selftpt.toolbox import build_trainer, read_image, set_random_seed
-from tests.helpers import tiny_cfg, tiny_opts
+from tests.helpers import recorded_checkpoints, tiny_cfg, tiny_opts
 
 S = "TRAINER.SELFTPT."
 FAST = ("OPTIM.MAX_EPOCH", "1")
@@ -420,10 +419,7 @@ def test_selftpt_handcrafted_template(build, fresh_clip, template):
 
 @pytest.mark.parametrize("use_gm", [True, False])
 def test_selftpt_grad_checkpoint_gives_the_same_gradients(build, use_gm, monkeypatch):
-    checkpointed = []
-    original = text_encoder_module.checkpoint
-    monkeypatch.setattr(text_encoder_module, "checkpoint",
-                        lambda *a, **k: checkpointed.append(1) or original(*a, **k))
+    checkpointed = recorded_checkpoints(monkeypatch)
     grads = {}
     for flag in (False, True):
         trainer = build("SelfTPT", S + "GRAD_CHECKPOINT", flag, S + "USE_GM", use_gm, S + "GRAD_COS_FREQ", 1)
@@ -636,10 +632,7 @@ def test_tpt_augmix(build, monkeypatch, setting, dataset, blended):
 
 
 def test_tpt_grad_checkpoint_gives_the_same_tuning(build, monkeypatch):
-    checkpointed = []
-    original = text_encoder_module.checkpoint
-    monkeypatch.setattr(text_encoder_module, "checkpoint",
-                        lambda *a, **k: checkpointed.append(1) or original(*a, **k))
+    checkpointed = recorded_checkpoints(monkeypatch)
     out = {}
     for flag in (False, True):
         trainer = tpt(build, "TRAINER.TPT.N_VIEWS", 8, "TRAINER.TPT.STEPS", 2, "TRAINER.TPT.GRAD_CHECKPOINT", flag)

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import selftpt.text_encoder as text_encoder_module
 import trainers.promptalign as promptalign_module
 from selftpt.clip_loader import build_random_clip, save_state_dict
 from selftpt.errors import DatasetError, UserError
@@ -23,7 +22,7 @@ from selftpt.results import RESULTS_FILENAME
 from selftpt.token_stats import SourceStatsError, alignment_loss, token_moments
 from selftpt.toolbox import build_trainer, build_transform, read_image, set_random_seed
 from selftpt.trainer_base import CheckpointError
-from tests.helpers import tiny_cfg, tiny_opts
+from tests.helpers import recorded_checkpoints, tiny_cfg, tiny_opts
 from tests.test_maple import DEEP_ARCH, manual_text_features, manual_vision_prompts, run_in
 
 FAST = ("N_VIEWS", "8", "PROMPT_DEPTH", "3")
@@ -34,8 +33,11 @@ def opts(node: str, *pairs: str) -> tuple[str, ...]:
     return tuple(f"TRAINER.{node}.{x}" if i % 2 == 0 else x for i, x in enumerate(pairs))
 
 
+NODE = {"MaPLeTPT": "MAPLE_TPT", "PromptAlign": "PROMPTALIGN"}  # each trainer's config node
+
+
 def build(root, clip_path, out, trainer, *extra, seed=1):
-    node = {"MaPLeTPT": "MAPLE_TPT", "PromptAlign": "PROMPTALIGN"}[trainer]
+    node = NODE[trainer]
     set_random_seed(seed)
     return build_trainer(tiny_cfg(root, clip_path, trainer, ("OUTPUT_DIR", str(out), "SEED", "1",
                                                              *opts(node, *FAST), *extra)))
@@ -163,11 +165,8 @@ def test_the_step_is_adamw_on_the_gradient_of_the_per_image_objective(trainer_na
 @pytest.mark.parametrize("trainer_name", ["MaPLeTPT", "PromptAlign"])
 def test_grad_checkpoint_recomputes_the_text_tower_and_tunes_the_same(trainer_name, maple_run, tiny_data_root,
                                                                        deep_clip, tmp_path, monkeypatch):
-    checkpointed = []
-    original = text_encoder_module.checkpoint
-    monkeypatch.setattr(text_encoder_module, "checkpoint",
-                        lambda *a, **k: checkpointed.append(1) or original(*a, **k))
-    node = {"MaPLeTPT": "MAPLE_TPT", "PromptAlign": "PROMPTALIGN"}[trainer_name]
+    checkpointed = recorded_checkpoints(monkeypatch)
+    node = NODE[trainer_name]
     tuned = {}
     for flag in (False, True):
         extra = opts(node, "GRAD_CHECKPOINT", str(flag))

@@ -157,8 +157,8 @@ def test_unmerged_shards_are_no_run_in_the_tables_and_a_merged_run_is_one(four_s
     run_dir = _copy(four_shards, tmp_path / "out" / "seed1")
     found = collect_runs([tmp_path / "out"])
     assert found.runs == [] and len(found.notes) == 1
-    assert found.notes[0].startswith(f"{run_dir}: 4 shard(s) not merged yet") and "seed counted as missing" in \
-        found.notes[0]
+    note = found.notes[0]
+    assert note.startswith(f"{run_dir}: 4 shard(s) not merged yet") and note.endswith("seed counted as missing")
     merge_shards(run_dir)
     found = collect_runs([tmp_path / "out"])
     assert [run.source for run in found.runs] == [run_dir / "results.json"] and found.notes == []
