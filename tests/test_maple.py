@@ -204,14 +204,15 @@ def test_a_resnet_backbone_is_refused_in_one_line(tiny_data_root, tiny_clip_path
     assert "MaPLe prompts the layers of a ViT image encoder, but backbone Bench-RN-S is a ResNet CLIP" in err[0]
 
 
-def test_a_resnet_given_as_a_file_is_refused_once_loaded(tiny_data_root, tmp_path, capsys):
+@pytest.mark.parametrize("trainer", ["MaPLe", "MaPLeTPT", "PromptAlign", "PromptSRC", "PromptSRCTPT"])
+def test_a_resnet_given_as_a_file_is_refused_once_loaded(trainer, tiny_data_root, tmp_path, capsys):
     """A weights file is not a known name, so the tower is checked after loading (one line all the same)."""
     path = tmp_path / "resnet_clip.pt"
     save_state_dict(build_random_clip({**TINY_CLIP_ARCH, "vision_layers": (1, 1, 1, 1), "vision_width": 32}), path)
-    code = main(["--output-dir", str(tmp_path / "out"), *tiny_opts(tiny_data_root, path, "MaPLe")])
+    code = main(["--output-dir", str(tmp_path / "out"), *tiny_opts(tiny_data_root, path, trainer)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USER_ERROR and len(err) == 1, err
-    assert f"MaPLe prompts the layers of a ViT image encoder, but backbone {path} is a ResNet CLIP" in err[0]
+    assert f"{trainer} prompts the layers of a ViT image encoder, but backbone {path} is a ResNet CLIP" in err[0]
 
 
 def test_depth_beyond_the_backbone_prompts_every_layer(tiny_data_root, tiny_clip_path, tmp_path):

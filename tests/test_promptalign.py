@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import trainers.promptalign as promptalign_module
 from selftpt.clip_loader import build_random_clip, save_state_dict
-from selftpt.errors import DatasetError, UserError
+from selftpt.errors import ConfigError, DatasetError, UserError
 from selftpt.launch import main
 from selftpt.maple_prompts import CHECKPOINT_NAME
 from selftpt.results import RESULTS_FILENAME
@@ -253,6 +253,24 @@ def test_source_statistics_are_computed_once_next_to_the_model_reused_and_a_stal
                  "TRAINER.PROMPTALIGN.ALIGN_LAYER_TO", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "layers: file [0, 1], now [0, 1, 2]" in err[0], err
+
+
+@pytest.mark.parametrize("layer_from, layer_to, aligned", [(1, 4, [1, 2]), (1, 9, [1, 2])])
+def test_the_aligned_layers_run_from_to_minus_two_within_the_vits_depth(layer_from, layer_to, aligned,
+                                                                       tiny_data_root, deep_clip, tmp_path, capsys):
+    trainer = build(tiny_data_root, deep_clip, tmp_path, "PromptAlign",
+                    *opts("PROMPTALIGN", "ALIGN_LAYER_FROM", str(layer_from), "ALIGN_LAYER_TO", str(layer_to)))
+    assert trainer.align_layers == aligned  # the 3-layer ViT has no layer 3 or beyond
+    assert trainer.align_weight == pytest.approx(100.0 / (layer_to - layer_from))
+    clipped = f"Note: aligning layers {aligned} of the 3 this ViT has" in capsys.readouterr().out
+    assert clipped == (layer_to - 2 >= 3)
+
+
+def test_aligning_no_layer_of_the_vit_is_refused(tiny_data_root, deep_clip, tmp_path):
+    with pytest.raises(ConfigError, match=r"ALIGN_LAYER_FROM 3 / ALIGN_LAYER_TO 5 align no layer of this "
+                                          r"3-layer ViT .* set ALIGN_LAYER_TO >= FROM \+ 2 and FROM < 3"):
+        build(tiny_data_root, deep_clip, tmp_path, "PromptAlign",
+              *opts("PROMPTALIGN", "ALIGN_LAYER_FROM", "3", "ALIGN_LAYER_TO", "5"))
 
 
 @pytest.mark.parametrize("split, max_images", [("val", 0), ("train", 20), ("test", 1)])

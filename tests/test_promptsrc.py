@@ -28,7 +28,7 @@ from selftpt.promptsrc import (
     self_consistency_losses,
 )
 from selftpt.toolbox import build_trainer, save_checkpoint, set_random_seed
-from tests.helpers import TINY_CLIP_ARCH, tiny_cfg, tiny_opts
+from tests.helpers import TINY_CLIP_ARCH, recorded_checkpoints, tiny_cfg, tiny_opts
 from trainers.promptsrc import MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,6 +369,17 @@ def test_tpt_on_promptsrc_prompts_tunes_what_tune_says_and_resets_per_image(tune
     assert passes == ([8] if tune == "text" else [8] + [1] * steps + [1])  # 8 views, the most confident tenth: 1
 
 
+def test_without_a_model_dir_every_image_starts_from_the_untrained_prompts(tiny_data_root, tiny_clip_path, tmp_path):
+    trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path, "PromptSRCTPT",
+                           "TRAINER.PROMPTSRC_TPT.N_VIEWS", "8")
+    before = {k: p.detach().clone() for k, p in trainer.model.prompts.named_parameters()}
+    trainer.load_model("", epoch=3)  # whatever --load-epoch says: nothing is loaded
+    assert trainer.prompt_init == "untrained IVLP prompts (no --model-dir)"
+    for key, value in trainer.model.prompts.named_parameters():
+        assert torch.equal(value.detach(), before[key]) and torch.equal(trainer.initial_prompts[f"prompts.{key}"],
+                                                                        before[key])
+
+
 def test_load_epoch_picks_that_epochs_prompts_among_several(tiny_data_root, tiny_clip_path, tmp_path):
     out = tmp_path / "two_epochs"
     source = make_trainer(tiny_data_root, tiny_clip_path, tmp_path / "src")
@@ -403,11 +414,38 @@ def test_tuning_every_prompt_steps_along_the_confident_views_entropy_gradient(ti
     original = trainer.optim.step
     monkeypatch.setattr(trainer.optim, "step", lambda *a, **k: (seen.append([p.grad.clone() for p in params]),
                                                                 original(*a, **k)))
+    start = [p.detach().clone() for p in params]
     with torch.enable_grad():
         trainer._tune_and_predict(views)
     assert len(seen) == 1
     for got, want in zip(seen[0], expected):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-8)
+    lr, wd = trainer.node.LR, 0.01  # AdamW's first step at TPT's lr and torch's default weight decay
+    for p, p0, g in zip(params, start, seen[0]):
+        assert torch.allclose(p.detach(), p0 * (1 - lr * wd) - lr * g / (g.abs() + 1e-8), atol=1e-6)
+
+
+def test_grad_checkpoint_recomputes_the_text_tower_and_tunes_the_same(tiny_data_root, tiny_clip_path, tmp_path,
+                                                                       promptsrc_dir, monkeypatch):
+    checkpointed = recorded_checkpoints(monkeypatch)
+    images, tuned = None, {}
+    for flag in (False, True):
+        trainer = make_trainer(tiny_data_root, tiny_clip_path, tmp_path / str(flag), "PromptSRCTPT",
+                               "TRAINER.PROMPTSRC_TPT.N_VIEWS", "8", "TRAINER.PROMPTSRC_TPT.GRAD_CHECKPOINT", str(flag))
+        trainer.load_model(str(promptsrc_dir[0]), epoch=20)
+        trainer.set_model_mode("eval")
+        trainer.prepare_for_test()
+        if images is None:  # the same views for both
+            images = trainer.parse_batch_test(next(iter(trainer.test_loader)))[0][:1]
+        checkpointed.clear()
+        with torch.no_grad():
+            logits = trainer.model_inference(images)
+        assert bool(checkpointed) == flag
+        tuned[flag] = (logits, [p.detach().clone() for p in trainer.model.prompts.parameters()])
+    assert torch.allclose(tuned[False][0], tuned[True][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned[False][1], tuned[True][1]))
+    # PromptSRC itself has no GRAD_CHECKPOINT key: it trains without recomputation
+    assert make_trainer(tiny_data_root, tiny_clip_path, tmp_path / "src").model.text_encoder.grad_checkpoint is False
 
 
 # ------------------------------------------------------------------------------ precision

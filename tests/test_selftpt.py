@@ -211,6 +211,11 @@ def test_only_single_view_selftpt_reuses_cached_image_features(n_views, cacheabl
     trainer = build_trainer(tiny_cfg(tiny_data_root, tiny_clip_path, "SelfTPT", (
         "OUTPUT_DIR", str(tmp_path), "TRAINER.SELFTPT.N_VIEWS", n_views)))
     assert (trainer.image_encoder_for_cache() is not None) is cacheable
+    images = next(iter(trainer.test_loader))["img"]
+    if n_views == 1:  # plain Self-TPT: the standard test transform, one image each
+        assert images.dim() == 4
+    else:  # Self-TPT-v: the clean view and n_views - 1 augmented ones per image
+        assert images.dim() == 5 and images.shape[1] == n_views
 
 
 def test_two_target_classes_are_enough_for_the_adaptation(tiny_data_root, tiny_clip_path, tmp_path):
