@@ -18,7 +18,7 @@ import selftpt.text_encoder as text_encoder_module
 import trainers  # noqa: F401  (registers the trainers)
 from selftpt.clip_loader import build_random_clip, save_state_dict
 from selftpt.config import extend_cfg
-from selftpt.toolbox import DATASET_REGISTRY, DatasetBase, Datum, get_cfg_default
+from selftpt.toolbox import DATASET_REGISTRY, DatasetBase, Datum, get_cfg_default, set_random_seed
 from selftpt.trainer_facts import registered_trainers
 
 TINY_CLIP_ARCH = dict(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64,
@@ -146,6 +146,28 @@ def recorded_checkpoints(monkeypatch) -> list[int]:
     original = text_encoder_module.checkpoint
     monkeypatch.setattr(text_encoder_module, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
+
+
+def train_step(trainer, batch):
+    """One ``forward_backward`` outside the epoch loop (as batch 0 of a long epoch)."""
+    trainer.batch_idx, trainer.num_batches = 0, 99
+    return trainer.forward_backward(batch)
+
+
+def one_step_gradients(trainer, batch):
+    """Context (and CPT head) gradients of one ``forward_backward`` on ``batch``."""
+    train_step(trainer, batch)
+    grads = {"ctx": trainer.model.prompt_learner.ctx.grad.detach().clone()}
+    if hasattr(trainer, "cpt"):
+        grads.update({f"head.{n}": p.grad.detach().clone() for n, p in trainer.cpt.head.named_parameters()
+                      if p.grad is not None})
+    return grads
+
+
+def first_batch(trainer):
+    """The first training batch, the same for every build (seeded)."""
+    set_random_seed(3)
+    return next(iter(trainer.train_loader_x))
 
 
 def project_cfg(opts: list[str]):

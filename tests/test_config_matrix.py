@@ -25,7 +25,7 @@ from selftpt.launch import main
 from selftpt.prompt_learner import POSITIONS
 from selftpt.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 from selftpt.toolbox import build_trainer, read_image, set_random_seed
-from tests.helpers import recorded_checkpoints, tiny_cfg, tiny_opts
+from tests.helpers import first_batch, one_step_gradients, recorded_checkpoints, tiny_cfg, tiny_opts, train_step
 
 S = "TRAINER.SELFTPT."
 FAST = ("OPTIM.MAX_EPOCH", "1")
@@ -92,27 +92,6 @@ class OptimizerSteps:
 
     def __exit__(self, *exc):
         self.handle.remove()
-
-
-def train_step(trainer, batch):
-    """One ``forward_backward`` outside the epoch loop (as batch 0 of a long epoch)."""
-    trainer.batch_idx, trainer.num_batches = 0, 99
-    return trainer.forward_backward(batch)
-
-
-def one_step_gradients(trainer, batch):
-    """Context (and CPT head) gradients of one ``forward_backward`` on ``batch``."""
-    train_step(trainer, batch)
-    grads = {"ctx": trainer.model.prompt_learner.ctx.grad.detach().clone()}
-    if hasattr(trainer, "cpt"):
-        grads.update({f"head.{n}": p.grad.detach().clone() for n, p in trainer.cpt.head.named_parameters()
-                      if p.grad is not None})
-    return grads
-
-
-def first_batch(trainer):
-    set_random_seed(3)
-    return next(iter(trainer.train_loader_x))
 
 
 def word_embeddings(learner, words: str) -> torch.Tensor:

@@ -25,7 +25,14 @@ from selftpt.prompt_learner import PromptLearner  # noqa: E402
 from selftpt.prompted_clip import PromptedCLIP  # noqa: E402
 from selftpt.text_encoder import encode_text_tokens  # noqa: E402
 from selftpt.toolbox import build_trainer, set_random_seed  # noqa: E402
-from tests.helpers import TINY_CLASSES, project_trainers, tiny_cfg  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    TINY_CLASSES,
+    first_batch,
+    one_step_gradients,
+    project_trainers,
+    recorded_checkpoints,
+    tiny_cfg,
+)
 
 EVA_TIMM = "selftpt_test_eva02_clip_tiny"
 TEXT = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
@@ -182,6 +189,25 @@ def test_coop_step_moves_only_the_context(weights, tiny_data_root, tmp_path, arc
     one_step(trainer)
     moved = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
     assert moved == {"prompt_learner.ctx"}
+
+
+@pytest.mark.parametrize("arch", ["Test-Tiny-ViT", "Test-Tiny-Bidir"])
+def test_selftpt_gradient_matching_through_checkpointed_open_clip_blocks(weights, tiny_data_root, tmp_path, arch,
+                                                                         monkeypatch):
+    """The double backward of GM through recomputed blocks (their attention kernels kept), and no
+    recomputation without GRAD_CHECKPOINT."""
+    checkpointed = recorded_checkpoints(monkeypatch)
+    grads = {}
+    for flag in (False, True):
+        trainer = build(tiny_data_root, weights, arch, "SelfTPT", tmp_path / str(flag),
+                        "TRAINER.SELFTPT.GRAD_CHECKPOINT", str(flag), "TRAINER.SELFTPT.USE_GM", "True",
+                        "TRAINER.SELFTPT.GRAD_COS_FREQ", "1")
+        batch = first_batch(trainer)
+        checkpointed.clear()
+        grads[flag] = one_step_gradients(trainer, batch)
+        assert bool(checkpointed) == flag
+    for key in grads[False]:
+        assert torch.allclose(grads[False][key], grads[True][key], atol=1e-7, rtol=1e-5), key
 
 
 @pytest.mark.parametrize("trainer_name", TRAINERS)
