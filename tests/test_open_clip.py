@@ -5,6 +5,7 @@ open_clip's, the efficiency benchmark, and the one-line errors (no weights offli
 an unsupported text tower, preprocessing that does not match the config)."""
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from selftpt.errors import ConfigError, UserError  # noqa: E402
 from selftpt.open_clip_backend import OpenClipError, OpenClipModel, check_input, wrap  # noqa: E402
 from selftpt.prompt_learner import PromptLearner  # noqa: E402
 from selftpt.prompted_clip import PromptedCLIP  # noqa: E402
-from selftpt.text_encoder import encode_text_tokens  # noqa: E402
+from selftpt.text_encoder import causal_mask, encode_text_tokens, open_clip_block  # noqa: E402
 from selftpt.toolbox import build_trainer, set_random_seed  # noqa: E402
 from tests.helpers import (  # noqa: E402
     TINY_CLASSES,
@@ -132,8 +133,27 @@ def test_a_padding_mask_of_a_bidirectional_tower_is_reproduced(weights):
     tokens = tokenize(PROMPTS, 32, text_tokenizer(masked))
     with torch.no_grad():
         assert torch.allclose(encode_text_tokens(masked, tokens), model.model.encode_text(tokens), atol=1e-5)
+        reference = model.model.encode_text(tokens)
+        half = wrap(copy.deepcopy(model.model).half(), "masked", "Test-Tiny-Bidir")  # the mask in the tower's dtype
+        in_half = encode_text_tokens(half, tokens)
+        assert in_half.dtype == torch.float16 and half.text_layout.pad_id == 0
+        assert torch.allclose(in_half.float(), reference, atol=2e-2)
         model.model.text.use_pad_mask = False
         assert not torch.allclose(encode_text_tokens(masked, tokens), model.model.encode_text(tokens), atol=1e-3)
+
+
+def test_a_sequence_first_block_gives_what_the_batch_first_one_gives():
+    """open_clip 3 builds its text towers batch-first; a sequence-first block (``batch_first=False``,
+    which open_clip's Transformer also accepts) runs on the hook points' (L, n, d) tensor as is."""
+    torch.manual_seed(0)
+    batch_first = open_clip.transformer.ResidualAttentionBlock(16, 2, batch_first=True).eval()
+    sequence_first = open_clip.transformer.ResidualAttentionBlock(16, 2, batch_first=False).eval()
+    sequence_first.load_state_dict(batch_first.state_dict())
+    x, mask = torch.randn(5, 3, 16), causal_mask(5)  # (L, n, d)
+    with torch.no_grad():
+        ours = open_clip_block(sequence_first, x, mask, batch_first=False)
+        assert torch.allclose(ours, open_clip_block(batch_first, x, mask, batch_first=True), atol=1e-6)
+        assert not torch.allclose(ours, open_clip_block(sequence_first, x, None, batch_first=False), atol=1e-3)
 
 
 def test_deep_text_prompts_hook_the_open_clip_text_encoder(weights):
