@@ -1,4 +1,6 @@
 """The CoOp prompt learner, the text encoder and the CPT views on a tiny random CLIP."""
+import copy
+
 import pytest
 import torch
 
@@ -217,14 +219,43 @@ def test_class_specific_context_renders_each_classs_own_context(clip_model):
         learner.set_classnames(["cat", "dog"])
 
 
+class LetterTokenizer:
+    """A model's own tokenizer unlike OpenAI's: one token per letter (spaces skipped, so that
+    each "X" of the context placeholder is one token, as with BPE)."""
+
+    SOS, EOT = 49406, 49407
+
+    def count(self, text: str) -> int:
+        return len(text.replace(" ", ""))
+
+    def __call__(self, texts: list[str], context_length: int) -> torch.Tensor:
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.SOS, *(ord(c) for c in text.replace(" ", "")), self.EOT]
+            out[row, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+def test_a_models_own_tokenizer_measures_and_renders_the_class_names(clip_model):
+    model = copy.deepcopy(clip_model)
+    model.tokenizer = tokenizer = LetterTokenizer()  # as an open_clip model carries its tokenizer
+    learner = PromptLearner(["lion", "ox"], model, n_ctx=4)
+    assert learner.name_lens == [4, 2]  # OpenAI's BPE: one token each
+    assert torch.equal(learner.tokenized_prompts, tokenizer(["XXXX lion.", "XXXX ox."], 32))
+    learner.set_classnames(["cat"])
+    assert learner.name_lens == [3] and torch.equal(learner.tokenized_prompts, tokenizer(["XXXX cat."], 32))
+    assert torch.equal(learner.token_suffix[0, :3], learner.embed_tokens(tokenizer(["cat"], 32))[0, 1:4])
+
+
 def test_the_longest_prompt_that_fits_is_accepted_and_one_more_token_is_refused(clip_model):
     name = " ".join(["cat"] * 25)  # 25 tokens: SOS + 4 context + 25 + "." + EOT = 32, the context length
     learner = PromptLearner(["dog", name], clip_model, n_ctx=4)
     assert learner.tokenized_prompts[1, 31] == learner.tokenized_prompts.max()  # EOT in the last position
     message = (r"N_CTX 5 is too long for the text encoder's 32 tokens: the prompt of class '{}' needs 33 \(start, "
                r"5 context tokens, 25 for the name, '.', end\); lower {}N_CTX or shorten {}CTX_INIT$")
-    with pytest.raises(ConfigError, match="^" + message.format(name, "", "")):
-        PromptLearner(["dog", name], clip_model, n_ctx=5)
+    for names in (["dog", name], [name, "dog"]):  # the longest name is found wherever it is
+        with pytest.raises(ConfigError, match="^" + message.format(name, "", "")):
+            PromptLearner(names, clip_model, n_ctx=5)
     key = r"TRAINER\.COOP\."
     with pytest.raises(ConfigError, match="^" + key + message.format(name, key, key)):
         PromptLearner(["dog", name], clip_model, n_ctx=5, config_node="TRAINER.COOP")
