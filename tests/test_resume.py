@@ -291,6 +291,13 @@ def test_results_record_which_model_was_evaluated(tmp_path, tiny_data_root, tiny
     loaded = {"source": "checkpoint", "directory": str(trained), "epoch": 2, "files": {"prompt_learner": checkpoint}}
     assert results(evaluated)["model"] == loaded
 
+    # TEST.FINAL_MODEL best_val: the best epoch's checkpoint, reloaded after training, is what was evaluated
+    best = tmp_path / "best"
+    assert run_cli("--output-dir", best, "--seed", 1, *opts, "TEST.FINAL_MODEL", "best_val") == 0
+    record = results(best)["model"]
+    assert record["source"] == "trained" and record["epoch"] in (1, 2)
+    assert record["files"] == {"prompt_learner": str(best / "prompt_learner" / "model-best.pth.tar")}
+
     # TPT+CoOp: a training-free method that starts from a loaded prompt records it as well
     tpt = tmp_path / "tpt"
     assert run_cli("--output-dir", tpt, "--eval-only", "--model-dir", trained, "--load-epoch", 2,
