@@ -148,6 +148,12 @@ def recorded_checkpoints(monkeypatch) -> list[int]:
     return calls
 
 
+def adamw_first_step(start: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """A tensor after torch's first AdamW step from ``start`` (TPT's optimiser: weight decay 0.01,
+    eps 1e-8; the first step's bias-corrected moments make it ``lr * grad / (|grad| + eps)``)."""
+    return start * (1 - lr * 0.01) - lr * grad / (grad.abs() + 1e-8)
+
+
 def train_step(trainer, batch):
     """One ``forward_backward`` outside the epoch loop (as batch 0 of a long epoch)."""
     trainer.batch_idx, trainer.num_batches = 0, 99

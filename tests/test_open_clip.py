@@ -132,9 +132,9 @@ def test_a_padding_mask_of_a_bidirectional_tower_is_reproduced(weights):
     assert masked.text_layout.pad_id == 0 and not masked.text_layout.causal
     tokens = tokenize(PROMPTS, 32, text_tokenizer(masked))
     with torch.no_grad():
-        assert torch.allclose(encode_text_tokens(masked, tokens), model.model.encode_text(tokens), atol=1e-5)
         reference = model.model.encode_text(tokens)
-        half = wrap(copy.deepcopy(model.model).half(), "masked", "Test-Tiny-Bidir")  # the mask in the tower's dtype
+        assert torch.allclose(encode_text_tokens(masked, tokens), reference, atol=1e-5)
+        half = wrap(copy.deepcopy(model.model).half(), "masked", "Test-Tiny-Bidir")  # the same tower in fp16
         in_half = encode_text_tokens(half, tokens)
         assert in_half.dtype == torch.float16 and half.text_layout.pad_id == 0
         assert torch.allclose(in_half.float(), reference, atol=2e-2)
